@@ -1,0 +1,16 @@
+"""lightwatch: PyTorch Lightning callbacks that watch a training run and act on what they see."""
+from lightwatch.callbacks import ActivationStatsMonitor, GradientStatsMonitor
+from lightwatch.core.actions import register_action
+from lightwatch.core.alerts import Alert, MonitorError, alert_log
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationStatsMonitor",
+    "Alert",
+    "GradientStatsMonitor",
+    "MonitorError",
+    "alert_log",
+    "register_action",
+    "__version__",
+]

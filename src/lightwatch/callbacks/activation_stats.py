@@ -1,0 +1,353 @@
+"""``ActivationStatsMonitor``: statistics of module outputs from forward hooks on sampled steps."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from lightwatch.core.callback import MonitorCallback
+from lightwatch.core.histogram import HIST_BINS, decode_histogram_row, histogram_row, strided_sample
+from lightwatch.core.readback import HostReadback
+from lightwatch.core.reduce import all_reduce_flat
+from lightwatch.core.runtime import logging_step
+from lightwatch.core.selection import Selection, top_k_subjects
+
+__all__ = ["ActivationStatsMonitor", "first_tensor"]
+
+# SUM row: Σy, Σy², n, zeros (sample), n (sample), saturated (sample), units, hook calls
+_S_SUM, _S_SQ, _S_N, _S_ZERO, _S_NSUB, _S_SAT, _S_UNITS, _S_CALLS = range(8)
+_SUM_WIDTH = 8
+# MAX row: absmax, non-finite flag
+_M_ABSMAX, _M_NONFINITE = range(2)
+_MAX_WIDTH = 2
+_CHANNEL_FIRST = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                  "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+                  "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+                  "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "GroupNorm", "Dropout2d", "Dropout3d")
+
+
+def first_tensor(output: Any) -> Optional[torch.Tensor]:
+    """The first floating-point tensor in a module output (tensor, tuple/list, dict, dataclass-like)."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, (tuple, list)):
+        items = output
+    elif isinstance(output, dict):
+        items = list(output.values())
+    elif hasattr(output, "__dict__") and not isinstance(output, nn.Module):
+        items = list(vars(output).values())
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _saturation_mask(module: nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """For bounded activations: a function marking values within 1% of a bound."""
+    if isinstance(module, (nn.Tanh, nn.Softsign)):
+        return lambda y: y.abs() > 0.99
+    if isinstance(module, nn.Sigmoid):
+        return lambda y: (y < 0.01) | (y > 0.99)
+    if isinstance(module, nn.Hardsigmoid):
+        return lambda y: (y <= 0.0) | (y >= 1.0)
+    if isinstance(module, nn.ReLU6):
+        return lambda y: y >= 6.0
+    if isinstance(module, nn.Hardtanh):
+        lo, hi = float(module.min_val), float(module.max_val)
+        return lambda y: (y <= lo) | (y >= hi)
+    return None
+
+
+class ActivationStatsMonitor(MonitorCallback):
+    """Per-module statistics of activations (module outputs), from forward hooks on sampled steps.
+
+    Written under ``monitor.act/<module>/<stat>`` every ``every_n_steps`` training steps:
+
+    - ``mean``, ``std`` (from Σy and Σy², accumulated in float32), ``absmax``;
+    - ``zero_frac``: fraction of exact zeros, on a strided sample of at most ``sample_size`` values;
+    - ``dead_frac``: fraction of units (channels for convolutions, last dimension otherwise) that are zero
+      for every sample of the batch (batches larger than ``4 * sample_size`` values: the first samples that
+      fit), agreed over ranks (a unit alive on any rank is alive);
+    - ``saturation``: for bounded activations (Tanh, Sigmoid, Hardtanh, ReLU6, ...), the fraction of values
+      within 1% of a bound;
+    - ``nonfinite``: 1 when the output held any NaN or Inf (exact: Σy and absmax are non-finite then);
+    - histograms ``monitor.act_hist/<module>`` every ``histogram_every_n_steps``.
+
+    The hooks are registered once at fit start and return at once on steps that are not sampled. A sampled
+    module costs three reductions over its output (Σy, ‖y‖, aminmax) plus work on a small sample. Under DDP,
+    one SUM and one MAX all-reduce per sampled step merge the ranks. The first module in forward order whose
+    output went non-finite is named in the alert ``act_nonfinite``. Outputs that are tuples, lists, dicts
+    or dataclasses are read through their first floating-point tensor; other outputs are skipped.
+
+    ``torch.compile``: register hooks before compiling, i.e. let this callback's ``setup`` run before you
+    call ``torch.compile`` (compile in ``configure_model`` or later). Hooks added to an already compiled
+    model are ignored by dynamo, so a model compiled before ``setup`` reports nothing.
+
+    Args:
+        every_n_steps: sampling interval; ``None`` follows ``Trainer(log_every_n_steps)``.
+        include: regexes on module names to watch (``None``: every leaf module).
+        exclude: regexes on module names to leave out.
+        module_types: watch only these module types (classes or class names such as ``"ReLU"``).
+        top_k: write only the ``k`` modules with the largest ``absmax`` (non-finite ones always).
+        sample_size: values sampled per output for ``zero_frac``, saturation and histograms.
+        histogram_every_n_steps: histogram interval; ``None`` = 10 sampling intervals, ``0`` = off.
+        nonfinite_action: action for ``act_nonfinite``.
+        nonfinite_severity: severity of ``act_nonfinite``.
+        prefix: first part of every tag.
+        alert_cooldown_steps: at most one record per alert rule and subject in this many steps.
+
+    Example:
+        >>> from lightwatch.callbacks import ActivationStatsMonitor
+        >>> monitor = ActivationStatsMonitor(every_n_steps=25, module_types=["ReLU", "Linear"])
+        >>> monitor.every_n_steps
+        25
+    """
+
+    def __init__(
+        self,
+        every_n_steps: Optional[int] = None,
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
+        module_types: Optional[Sequence[str]] = None,
+        top_k: Optional[int] = None,
+        sample_size: int = 65536,
+        histogram_every_n_steps: Optional[int] = None,
+        nonfinite_action: str = "warn",
+        nonfinite_severity: str = "error",
+        prefix: str = "monitor",
+        alert_cooldown_steps: int = 100,
+    ) -> None:
+        super().__init__(every_n_steps, histogram_every_n_steps, prefix, alert_cooldown_steps)
+        where = "ActivationStatsMonitor"
+        if top_k is not None and (int(top_k) != top_k or top_k < 1):
+            raise ValueError(f"{where}: top_k must be a positive integer or None, got {top_k!r}.")
+        if int(sample_size) < 16:
+            raise ValueError(f"{where}: sample_size must be at least 16, got {sample_size!r}.")
+        self.selection = Selection(include, exclude, module_types, where=where)
+        self.top_k = None if top_k is None else int(top_k)
+        self.sample_size = int(sample_size)
+        self.nonfinite_action = self.check_action(nonfinite_action, f"{where}(nonfinite_action=...)")
+        self.nonfinite_severity = nonfinite_severity
+        self._names: List[str] = []
+        self._handles: List[Any] = []
+        self._active = False
+        self._sum: Optional[torch.Tensor] = None
+        self._max: Optional[torch.Tensor] = None
+        self._alive: List[Optional[torch.Tensor]] = []
+        self._hist: List[Optional[torch.Tensor]] = []
+        self._order: List[int] = []
+        self._bounded: List[bool] = []
+        self._hist_mask: List[bool] = []
+        self._calls = 0
+        self._skipped: Dict[str, str] = {}
+        self._readback: HostReadback = HostReadback()
+
+    # ------------------------------------------------------------------------------------ setup
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self._handles:
+            return
+        selected = self.selection.modules(pl_module)
+        self._names = [n for n, _ in selected]
+        self._alive = [None] * len(selected)
+        self._hist = [None] * len(selected)
+        self._order = [-1] * len(selected)
+        self._bounded = [_saturation_mask(module) is not None for _, module in selected]
+        for i, (_, module) in enumerate(selected):
+            self._handles.append(module.register_forward_hook(self._make_hook(i, module)))
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+
+    def _make_hook(self, index: int, module: nn.Module) -> Callable[..., None]:
+        saturation = _saturation_mask(module)
+        channel_first = type(module).__name__ in _CHANNEL_FIRST
+
+        def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
+            if not self._active:
+                return
+            y = first_tensor(output)
+            if y is None:
+                self._skipped.setdefault(self._names[index], type(output).__name__)
+                return
+            self._record(index, y.detach(), saturation, channel_first)
+
+        return hook
+
+    # ------------------------------------------------------------------------------- hot path
+    def _buffers(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._sum is None or self._sum.device != device:
+            m = len(self._names)
+            self._sum = torch.zeros(m, _SUM_WIDTH, device=device, dtype=torch.float32)
+            self._max = torch.zeros(m, _MAX_WIDTH, device=device, dtype=torch.float32)
+        return self._sum, self._max
+
+    def _record(self, i: int, y: torch.Tensor, saturation: Any, channel_first: bool) -> None:
+        sums, maxes = self._buffers(y.device)
+        if self._order[i] < 0:
+            self._order[i] = self._calls
+            self._calls += 1
+        n = y.numel()
+        if n == 0:
+            return
+        total = y.sum(dtype=torch.float32)
+        norm = torch.linalg.vector_norm(y, dtype=torch.float32)
+        lo, hi = torch.aminmax(y)
+        absmax = torch.maximum(lo.float().abs(), hi.float().abs())
+        sample = strided_sample(y, self.sample_size)
+        n_sample = sample.numel()
+        zeros = n_sample - torch.count_nonzero(sample)
+        saturated = saturation(sample).sum() if saturation is not None else torch.zeros((), device=y.device)
+        # dead units: per-unit "any non-zero" over the batch (or the first samples that fit the budget)
+        rows = y if n <= 4 * self.sample_size or y.dim() < 2 else y[: max(1, (4 * self.sample_size) // (n // y.shape[0]))]
+        unit_dim = 1 if channel_first and y.dim() >= 3 else y.dim() - 1
+        if y.dim() >= 2:
+            alive = rows.ne(0).flatten(0, unit_dim - 1).any(0) if unit_dim > 0 else rows.ne(0).any(0)
+            if alive.dim() > 1:
+                alive = alive.flatten(1).any(1)
+            alive = alive.float()
+            units = alive.numel()
+            prev = self._alive[i]
+            self._alive[i] = alive if prev is None or prev.shape != alive.shape else torch.maximum(prev, alive)
+        else:
+            units = 0
+        sums[i] += torch.stack([
+            total, norm.square(), torch.full((), float(n), device=y.device),
+            zeros.float(), torch.full((), float(n_sample), device=y.device), saturated.float(),
+            torch.full((), float(units), device=y.device), torch.ones((), device=y.device),
+        ])
+        nonfinite = (~torch.isfinite(total + absmax)).float()
+        torch.maximum(maxes[i], torch.stack([torch.nan_to_num(absmax, nan=float("inf")), nonfinite]), out=maxes[i])
+        if self.histogram_step and self._hist[i] is None:
+            self._hist[i] = histogram_row(sample, HIST_BINS, self.sample_size)
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._active = self.sampled and bool(self._names)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._readback.pending:
+            self._publish(trainer, pl_module)
+        if not self._active:
+            return
+        self._active = False
+        if self._sum is None:
+            return
+        packed = self._pack()
+        self._readback.submit(packed, (logging_step(trainer), list(self._order), self._hist_mask))
+        self._order = [-1] * len(self._names)
+        self._calls = 0
+        if not HostReadback.deferred(packed):
+            self._publish(trainer, pl_module)
+
+    def _pack(self) -> torch.Tensor:
+        assert self._sum is not None and self._max is not None
+        device = self._sum.device
+        alive = [a if a is not None else torch.zeros(0, device=device) for a in self._alive]
+        sum_part = self._sum.reshape(-1).clone()
+        max_part = torch.cat([self._max.reshape(-1)] + alive)
+        all_reduce_flat(sum_part, max_part)  # a no-op on one process
+        alive_reduced = max_part[self._max.numel():]
+        alive_counts = []
+        offset = 0
+        for a in alive:  # units alive on any rank, counted after the MAX
+            alive_counts.append(alive_reduced[offset:offset + a.numel()].sum() if a.numel() else
+                                torch.zeros((), device=device))
+            offset += a.numel()
+        parts = [sum_part, max_part[: self._max.numel()], torch.stack(alive_counts)]
+        self._hist_mask = [h is not None for h in self._hist]
+        hist_rows = [h for h in self._hist if h is not None]
+        if hist_rows:
+            parts.append(torch.stack(hist_rows).reshape(-1))
+        self._sum.zero_()
+        self._max.zero_()
+        self._alive = [None] * len(self._names)
+        self._hist = [None] * len(self._names)
+        return torch.cat(parts)
+
+    # --------------------------------------------------------------------------- host side
+    def _publish(self, trainer: Any, pl_module: Any) -> None:
+        for values, (step, order, hist_mask) in self._readback.collect():
+            self._write(trainer, pl_module, values, step, order, hist_mask)
+
+    def _write(self, trainer: Any, pl_module: Any, values: List[float], step: int, order: List[int],
+               hist_mask: List[bool]) -> None:
+        m = len(self._names)
+        sums = [values[i * _SUM_WIDTH:(i + 1) * _SUM_WIDTH] for i in range(m)]
+        base = m * _SUM_WIDTH
+        maxes = [values[base + i * _MAX_WIDTH: base + (i + 1) * _MAX_WIDTH] for i in range(m)]
+        base += m * _MAX_WIDTH
+        alive_counts = values[base: base + m]
+        base += m
+
+        stats: List[Tuple[str, Dict[str, float]]] = []
+        for i, name in enumerate(self._names):
+            s, mx = sums[i], maxes[i]
+            if s[_S_CALLS] == 0 or s[_S_N] == 0:
+                continue
+            n = s[_S_N]
+            mean = s[_S_SUM] / n
+            var = max(s[_S_SQ] / n - mean * mean, 0.0) if math.isfinite(mean) else float("nan")
+            calls = s[_S_CALLS]
+            units = s[_S_UNITS] / calls
+            row = {
+                "mean": mean,
+                "std": math.sqrt(var) if math.isfinite(var) else float("nan"),
+                "absmax": mx[_M_ABSMAX],
+                "zero_frac": s[_S_ZERO] / s[_S_NSUB] if s[_S_NSUB] else 0.0,
+                "nonfinite": mx[_M_NONFINITE],
+            }
+            if units > 0:
+                row["dead_frac"] = (units - alive_counts[i]) / units
+            if self._bounded[i]:
+                row["saturation"] = s[_S_SAT] / s[_S_NSUB] if s[_S_NSUB] else 0.0
+            stats.append((name, row))
+
+        flagged = [name for name, row in stats if row["nonfinite"] > 0]
+        keep = set(top_k_subjects([n for n, _ in stats], [r["absmax"] for _, r in stats], self.top_k, flagged))
+        scalars = {self.writer.tag("act", name, stat): v for name, row in stats if name in keep
+                   for stat, v in row.items()}
+        self.writer.write_scalars(trainer, scalars, step)
+
+        hist_rows = [i for i, has in enumerate(hist_mask) if has]
+        if hist_rows and len(values) > base:
+            width = 6 + HIST_BINS
+            hists = {}
+            for j, i in enumerate(hist_rows):
+                if self._names[i] in keep:
+                    hists[self.writer.tag("act_hist", self._names[i])] = decode_histogram_row(
+                        values[base + j * width: base + (j + 1) * width])
+            self.writer.write_histograms(trainer, hists, step)
+
+        if flagged:
+            position = {name: order[i] for i, name in enumerate(self._names)}
+            in_order = sorted(flagged, key=lambda name: position.get(name, 1 << 30))
+            first = in_order[0]
+            self.raise_alert(
+                trainer, pl_module, rule="act_nonfinite", severity=self.nonfinite_severity,
+                action=self.nonfinite_action, subject=first, value=float(len(flagged)), step=step,
+                message=(f"module '{first}' is the first in forward order whose output is non-finite "
+                         f"({len(flagged)} module(s) affected: {', '.join(in_order[:5])}"
+                         f"{' ...' if len(in_order) > 5 else ''}). Check its weights and its input: a NaN "
+                         f"weight, an overflow, or a log/sqrt/div of a bad value there."),
+            )
+
+    # ------------------------------------------------------------------------------------ end
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._readback.pending:
+            self._publish(trainer, pl_module)
+        self._active = False
+
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._active = False

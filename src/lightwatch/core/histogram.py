@@ -1,0 +1,78 @@
+"""Small fixed-bucket histograms computed on the device, written raw to TensorBoard.
+
+``torch.utils.tensorboard``'s default histogram moves the whole tensor to the host and writes ~600
+exponential buckets (~10 KB a point). Here a strided subsample of at most ``max_values`` values is
+bucketed on the device into ``bins`` equal buckets between its finite min and max, with no host sync;
+the few numbers that result are read back together with the rest of a logged step's statistics.
+Non-finite values are counted, not dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+__all__ = ["HIST_BINS", "histogram_row", "HistogramData", "decode_histogram_row", "strided_sample"]
+
+HIST_BINS = 64
+# Layout of one packed row: [min, max, count(finite), sum, sum_sq, nonfinite, counts[bins]].
+_HEADER = 6
+
+
+def strided_sample(t: torch.Tensor, max_values: int) -> torch.Tensor:
+    """A flat view (or small copy) of at most ``max_values`` evenly spaced values of ``t``."""
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    if n > max_values:
+        flat = flat[:: -(-n // max_values)]
+    return flat
+
+
+def histogram_row(t: torch.Tensor, bins: int = HIST_BINS, max_values: int = 65536) -> torch.Tensor:
+    """Pack a histogram of ``t`` into one float32 row of length ``6 + bins`` on ``t``'s device.
+
+    Example:
+        >>> row = histogram_row(torch.tensor([0.0, 1.0, 1.0, float("nan")]), bins=2)
+        >>> decode_histogram_row(row.tolist()).counts, decode_histogram_row(row.tolist()).nonfinite
+        ([1.0, 2.0], 1.0)
+    """
+    x = strided_sample(t, max_values).float()
+    finite = torch.isfinite(x)
+    inf = torch.tensor(float("inf"), device=x.device)
+    lo = torch.where(finite, x, inf).amin() if x.numel() else inf
+    hi = torch.where(finite, x, -inf).amax() if x.numel() else -inf
+    any_finite = finite.any()
+    lo = torch.where(any_finite, lo, torch.zeros_like(lo))
+    hi = torch.where(any_finite, hi, torch.zeros_like(hi))
+    width = torch.clamp(hi - lo, min=1e-12)
+    xf = torch.where(finite, x, lo)
+    idx = ((xf - lo) / width * bins).long().clamp_(0, bins - 1)
+    counts = torch.zeros(bins, device=x.device, dtype=torch.float32)
+    weights = finite.float()
+    counts.scatter_add_(0, idx, weights)
+    xz = xf * weights
+    header = torch.stack([lo, hi, weights.sum(), xz.sum(), (xz * xz).sum(), (~finite).sum().float()])
+    return torch.cat([header, counts])
+
+
+@dataclass
+class HistogramData:
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
+    nonfinite: float
+    bucket_limits: List[float]
+    counts: List[float]
+
+
+def decode_histogram_row(row: List[float]) -> HistogramData:
+    """Turn a packed row (already on the host) into the arguments of ``add_histogram_raw``."""
+    lo, hi, num, total, total_sq, nonfinite = row[:_HEADER]
+    counts = list(row[_HEADER:])
+    bins = len(counts)
+    width = (hi - lo) / bins if hi > lo else 1e-12
+    limits = [lo + width * (i + 1) for i in range(bins)]
+    return HistogramData(lo, hi, num, total, total_sq, nonfinite, limits, counts)

@@ -1,0 +1,93 @@
+"""What every callback needs to know about the running Trainer, read the same way everywhere.
+
+Everything here goes through attributes that ``pytorch_lightning`` and ``lightning.pytorch`` share, so
+the callbacks can later be offered for both import styles without change.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "logging_step",
+    "run_dir",
+    "is_global_zero",
+    "world_size",
+    "distributed_ready",
+    "tensorboard_writers",
+    "is_sharded_strategy",
+]
+
+
+def logging_step(trainer: Any) -> int:
+    """The step Lightning's ``self.log`` uses for training curves, so lightwatch curves line up.
+
+    ``fit_loop.epoch_loop._batches_that_stepped`` is private; ``global_step`` is the fallback (it runs one
+    ahead inside ``on_train_batch_end``, so it is only used when the private counter is missing).
+    """
+    try:
+        return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    except AttributeError:
+        return int(getattr(trainer, "global_step", 0))
+
+
+def run_dir(trainer: Any) -> str:
+    """Directory of this run's logs: the first logger's ``log_dir`` or the Trainer's root directory.
+
+    Unlike ``trainer.log_dir`` this does not broadcast, so it is safe to call on rank 0 alone.
+    """
+    loggers = list(getattr(trainer, "loggers", None) or [])
+    if loggers:
+        first = loggers[0]
+        path = getattr(first, "log_dir", None) or getattr(first, "save_dir", None)
+        if path:
+            return str(path)
+    return str(getattr(trainer, "default_root_dir", None) or os.getcwd())
+
+
+def is_global_zero(trainer: Any) -> bool:
+    return bool(getattr(trainer, "is_global_zero", True))
+
+
+def distributed_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size(trainer: Any = None) -> int:
+    if trainer is not None and getattr(trainer, "world_size", None):
+        return int(trainer.world_size)
+    return dist.get_world_size() if distributed_ready() else 1
+
+
+def tensorboard_writers(trainer: Any) -> Iterator[Any]:
+    """The ``SummaryWriter``-like experiments of the Trainer's loggers (rank 0 only; duck-typed).
+
+    Duck typing rather than ``isinstance(TensorBoardLogger)`` because the two Lightning packages have
+    distinct logger classes, and on ranks > 0 ``experiment`` is a dummy.
+    """
+    if not is_global_zero(trainer):
+        return
+    for lg in list(getattr(trainer, "loggers", None) or []):
+        exp = getattr(lg, "experiment", None)
+        if exp is not None and hasattr(exp, "add_histogram_raw") and hasattr(exp, "add_text"):
+            yield exp
+
+
+def is_sharded_strategy(trainer: Any) -> bool:
+    """True under FSDP-like strategies, where each rank holds only a shard of every parameter."""
+    strategy = getattr(trainer, "strategy", None)
+    name = type(strategy).__name__.lower() if strategy is not None else ""
+    return "fsdp" in name or "deepspeed" in name or "modelparallel" in name
+
+
+def parameters_are_dtensors(params: List[torch.Tensor]) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in params)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    to_local: Optional[Any] = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t

@@ -1,0 +1,100 @@
+"""Shared test helpers: small real LightningModules, real Trainers, real event files."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import warnings
+from typing import Any, Dict, List
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available.*")
+
+
+class Classifier(pl.LightningModule):
+    """A plain ``(x, y)`` classifier: an MLP by default."""
+
+    def __init__(self, in_features: int = 8, hidden: int = 16, classes: int = 3, depth: int = 2, lr: float = 0.05,
+                 activation: str = "relu") -> None:
+        super().__init__()
+        act = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}[activation]
+        layers: List[nn.Module] = []
+        width = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), act()]
+            width = hidden
+        layers.append(nn.Linear(width, classes))
+        self.net = nn.Sequential(*layers)
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def make_loader(n: int = 128, in_features: int = 8, classes: int = 3, batch_size: int = 16, seed: int = 0,
+                shuffle: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+
+
+def make_trainer(tmp_path: Any, callbacks: List[Any], max_steps: int = 20, log_every_n_steps: int = 5,
+                 **kwargs: Any) -> pl.Trainer:
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    kwargs.setdefault("logger", TensorBoardLogger(str(tmp_path), name="tb", version=0))
+    return pl.Trainer(
+        default_root_dir=str(tmp_path), max_steps=max_steps, log_every_n_steps=log_every_n_steps,
+        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False), accelerator="cpu", devices=1,
+        limit_val_batches=kwargs.pop("limit_val_batches", 0), **kwargs,
+    )
+
+
+def read_events(log_dir: str) -> Any:
+    """An ``EventAccumulator`` over ``log_dir`` keeping everything (size_guidance 0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(acc: Any, tag: str) -> Dict[int, float]:
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def read_alerts(directory: str) -> List[Dict[str, Any]]:
+    paths = glob.glob(os.path.join(directory, "**", "alerts.jsonl"), recursive=True)
+    out: List[Dict[str, Any]] = []
+    for p in paths:
+        with open(p) as fh:
+            out += [json.loads(line) for line in fh]
+    return out
+
+
+@pytest.fixture
+def seed() -> int:
+    pl.seed_everything(0, workers=True)
+    return 0
