@@ -1,0 +1,169 @@
+"""ActivationStatsMonitor in a real Trainer, checked against outputs captured independently."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from conftest import Classifier, make_loader, make_trainer, read_alerts, read_events, scalars
+from lightwatch import ActivationStatsMonitor
+
+
+class OutputRecorder(pl.Callback):
+    """Captures every leaf module's output of the sampled steps with its own forward hooks."""
+
+    def __init__(self, steps: List[int]) -> None:
+        self.steps = steps
+        self.outputs: Dict[int, Dict[str, torch.Tensor]] = {}
+        self._step = -1
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for name, module in pl_module.named_modules():
+            if name and not list(module.children()):
+                module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if self._step in self.steps and isinstance(output, torch.Tensor):
+                self.outputs.setdefault(self._step, {})[name] = output.detach().clone()
+        return hook
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        self._step = trainer.fit_loop.epoch_loop._batches_that_stepped
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        self._step = -1
+
+
+def test_values_match_direct_computation(tmp_path: Any, seed: int) -> None:
+    recorder = OutputRecorder(steps=[4, 9])
+    monitor = ActivationStatsMonitor(histogram_every_n_steps=10)
+    trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=10, log_every_n_steps=5)
+    trainer.fit(Classifier(depth=2), make_loader())
+    acc = read_events(trainer.log_dir)
+    for step in (4, 9):
+        for name, y in recorder.outputs[step].items():
+            assert scalars(acc, f"monitor.act/{name}/mean")[step] == pytest.approx(y.mean().item(), abs=1e-6)
+            assert scalars(acc, f"monitor.act/{name}/std")[step] == pytest.approx(y.std(unbiased=False).item(),
+                                                                                 rel=1e-4)
+            assert scalars(acc, f"monitor.act/{name}/absmax")[step] == pytest.approx(y.abs().max().item(), rel=1e-6)
+            assert scalars(acc, f"monitor.act/{name}/zero_frac")[step] == pytest.approx((y == 0).float().mean().item())
+            dead = (y == 0).all(dim=0).float().mean().item()
+            assert scalars(acc, f"monitor.act/{name}/dead_frac")[step] == pytest.approx(dead)
+            assert scalars(acc, f"monitor.act/{name}/nonfinite")[step] == 0.0
+    hist = acc.Histograms("monitor.act_hist/net.1")
+    assert [h.step for h in hist] == [9]
+    assert hist[0].histogram_value.num == recorder.outputs[9]["net.1"].numel()
+    # Nothing is sampled during validation or on other steps.
+    assert sorted(scalars(acc, "monitor.act/net.0/mean")) == [4, 9]
+
+
+def test_dead_units_and_saturation(tmp_path: Any, seed: int) -> None:
+    model = Classifier(depth=1, hidden=8, activation="relu")
+    with torch.no_grad():  # units 0..3 can never fire: zero weights, negative bias
+        model.net[0].weight[:4] = 0.0
+        model.net[0].bias[:4] = -1.0
+    tanh_model = Classifier(depth=1, hidden=8, activation="tanh")
+    with torch.no_grad():
+        tanh_model.net[0].weight.mul_(1000.0)
+    for m, name in ((model, "relu"), (tanh_model, "tanh")):
+        monitor = ActivationStatsMonitor(every_n_steps=2, histogram_every_n_steps=0)
+        trainer = make_trainer(tmp_path / name, [monitor], max_steps=2, log_every_n_steps=2)
+        trainer.fit(m, make_loader())
+        acc = read_events(trainer.log_dir)
+        if name == "relu":
+            assert scalars(acc, "monitor.act/net.1/dead_frac")[1] == pytest.approx(0.5)
+            assert "monitor.act/net.1/saturation" not in acc.Tags()["scalars"]
+        else:
+            assert scalars(acc, "monitor.act/net.1/saturation")[1] > 0.9
+
+
+def test_first_nonfinite_module_in_forward_order_is_named(tmp_path: Any, seed: int) -> None:
+    model = Classifier(depth=3)
+
+    class PoisonWeights(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            if trainer.fit_loop.epoch_loop._batches_that_stepped == 9:  # the sampled step: nothing upstream is NaN yet
+                with torch.no_grad():
+                    pl_module.net[2].weight[1, 1] = float("nan")
+
+    monitor = ActivationStatsMonitor(nonfinite_action="log")
+    trainer = make_trainer(tmp_path, [PoisonWeights(), monitor], max_steps=10, log_every_n_steps=5)
+    trainer.fit(model, make_loader())
+    alerts = [a for a in read_alerts(str(tmp_path)) if a["rule"] == "act_nonfinite"]
+    assert len(alerts) == 1
+    assert alerts[0]["subject"] == "net.2" and alerts[0]["step"] == 9
+    assert alerts[0]["value"] == 5.0  # net.2 .. net.6 all non-finite downstream
+    acc = read_events(trainer.log_dir)
+    assert scalars(acc, "monitor.act/net.0/nonfinite")[9] == 0.0
+    assert scalars(acc, "monitor.act/net.2/nonfinite")[9] == 1.0
+
+
+class Structured(pl.LightningModule):
+    """Modules returning a tuple, a dict and a non-tensor, as real models do (LSTM, attention, HF)."""
+
+    class TupleOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> Any:
+            return self.lin(x), "aux"
+
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(8))
+
+        def forward(self, x: torch.Tensor) -> Any:
+            return {"mask": x > 0, "hidden": x * self.scale}
+
+    class NoTensor(nn.Module):
+        def forward(self, x: torch.Tensor) -> Any:
+            return None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = self.TupleOut()
+        self.b = self.DictOut()
+        self.c = self.NoTensor()
+        self.head = nn.Linear(8, 3)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h, _ = self.a(x)
+        h = self.b(h)["hidden"]
+        self.c(h)
+        return nn.functional.cross_entropy(self.head(h), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_tuple_and_dict_outputs_are_read_and_non_tensors_skipped(tmp_path: Any, seed: int) -> None:
+    monitor = ActivationStatsMonitor(every_n_steps=1, exclude=[r"^a\.lin$"])
+    trainer = make_trainer(tmp_path, [monitor], max_steps=3, log_every_n_steps=1)
+    trainer.fit(Structured(), make_loader())
+    tags = read_events(trainer.log_dir).Tags()["scalars"]
+    assert "monitor.act/b/mean" in tags and "monitor.act/head/mean" in tags
+    assert not any(t.startswith("monitor.act/c/") for t in tags)
+
+
+def test_patterns_that_select_nothing_fail_clearly(tmp_path: Any) -> None:
+    trainer = make_trainer(tmp_path, [ActivationStatsMonitor(module_types=["Conv2d"])], max_steps=2)
+    with pytest.raises(ValueError, match=r"Conv2d.*select no modules.*net\.0"):
+        trainer.fit(Classifier(), make_loader())
+
+
+def test_hooks_do_nothing_outside_sampled_training_steps(tmp_path: Any, seed: int) -> None:
+    monitor = ActivationStatsMonitor(every_n_steps=5)
+    calls: List[int] = []
+    original = monitor._record
+    monitor._record = lambda *a, **k: (calls.append(1), original(*a, **k))  # count, then do the real work
+    trainer = make_trainer(tmp_path, [monitor], max_steps=10, log_every_n_steps=5, limit_val_batches=2,
+                           val_check_interval=5)
+    trainer.fit(Classifier(depth=1), make_loader(), make_loader(n=32))
+    assert len(calls) == 2 * 3  # two sampled steps x three leaf modules, none in validation

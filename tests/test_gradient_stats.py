@@ -1,0 +1,147 @@
+"""GradientStatsMonitor in a real Trainer, checked against an independent torch computation."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import Classifier, make_loader, make_trainer, read_alerts, read_events, scalars
+from lightwatch import GradientStatsMonitor
+
+
+class GradientRecorder(pl.Callback):
+    """Records gradients and parameters around every optimizer step, independently of lightwatch."""
+
+    def __init__(self) -> None:
+        self.grads: Dict[int, Dict[str, torch.Tensor]] = {}
+        self.before: Dict[int, Dict[str, torch.Tensor]] = {}
+        self.after: Dict[int, Dict[str, torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.grads[step] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        self.before[step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.after[step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def test_values_match_independent_computation(tmp_path: Any, seed: int) -> None:
+    recorder = GradientRecorder()
+    monitor = GradientStatsMonitor(histogram_every_n_steps=10)
+    trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=20, log_every_n_steps=5)
+    trainer.fit(Classifier(), make_loader())
+    acc = read_events(trainer.log_dir)
+
+    logged_steps = [4, 9, 14, 19]
+    assert sorted(scalars(acc, "monitor.grad/_total/norm")) == logged_steps
+    assert sorted(scalars(acc, "train/loss")) == logged_steps  # same step axis as self.log
+    for step in logged_steps:
+        grads, before, after = recorder.grads[step], recorder.before[step], recorder.after[step]
+        for name, g in grads.items():
+            assert scalars(acc, f"monitor.grad/{name}/norm")[step] == pytest.approx(g.norm().item(), rel=1e-5)
+            assert scalars(acc, f"monitor.grad/{name}/absmax")[step] == pytest.approx(g.abs().max().item(), rel=1e-6)
+            assert scalars(acc, f"monitor.grad/{name}/nonfinite")[step] == 0.0
+            assert scalars(acc, f"monitor.param/{name}/norm")[step] == pytest.approx(after[name].norm().item(), rel=1e-5)
+            ratio = (after[name] - before[name]).norm().item() / before[name].norm().item()
+            assert scalars(acc, f"monitor.param/{name}/update_ratio")[step] == pytest.approx(ratio, rel=1e-4)
+        total = math.sqrt(sum(g.norm().item() ** 2 for g in grads.values()))
+        assert scalars(acc, "monitor.grad/_total/norm")[step] == pytest.approx(total, rel=1e-5)
+        interval = [math.sqrt(sum(g.norm().item() ** 2 for g in recorder.grads[s].values()))
+                    for s in range(step - 4, step + 1)]
+        assert scalars(acc, "monitor.grad/_total/norm_max")[step] == pytest.approx(max(interval), rel=1e-5)
+
+    # Histograms only every 10 steps (a multiple of the interval), with every gradient value counted.
+    hist = acc.Histograms("monitor.grad_hist/net.0.weight")
+    assert [h.step for h in hist] == [9, 19]
+    assert hist[0].histogram_value.num == recorder.grads[9]["net.0.weight"].numel()
+    assert hist[0].histogram_value.max == pytest.approx(recorder.grads[9]["net.0.weight"].max().item(), rel=1e-6)
+    assert [h.step for h in acc.Histograms("monitor.param_hist/net.4.bias")] == [9, 19]
+    # Values are also in callback_metrics for Lightning's own callbacks.
+    assert "monitor.grad/_total/norm" in trainer.callback_metrics
+
+
+def test_norm_max_catches_a_spike_between_samples(tmp_path: Any, seed: int) -> None:
+    class SpikeAtStep(pl.Callback):
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            if trainer.fit_loop.epoch_loop._batches_that_stepped == 6:  # not a sampled step
+                for p in pl_module.parameters():
+                    p.grad.mul_(1000.0)
+
+    recorder = GradientRecorder()
+    monitor = GradientStatsMonitor(track_update_ratio=False)
+    trainer = make_trainer(tmp_path, [SpikeAtStep(), recorder, monitor], max_steps=10, log_every_n_steps=5)
+    trainer.fit(Classifier(lr=1e-4), make_loader())
+    acc = read_events(trainer.log_dir)
+    spike = math.sqrt(sum(g.norm().item() ** 2 for g in recorder.grads[6].values()))
+    assert scalars(acc, "monitor.grad/_total/norm_max")[9] == pytest.approx(spike, rel=1e-5)
+    assert scalars(acc, "monitor.grad/_total/norm")[9] < spike / 100
+
+
+def test_nonfinite_gradient_names_its_parameter(tmp_path: Any, seed: int) -> None:
+    class PoisonGrad(pl.Callback):
+        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.fit_loop.epoch_loop._batches_that_stepped == 9:
+                pl_module.net[2].weight.grad[0, :3] = float("nan")
+
+    monitor = GradientStatsMonitor(nonfinite_action="log")
+    trainer = make_trainer(tmp_path, [PoisonGrad(), monitor], max_steps=10, log_every_n_steps=5)
+    trainer.fit(Classifier(), make_loader())
+    alerts = [a for a in read_alerts(str(tmp_path)) if a["rule"] == "grad_nonfinite"]
+    assert len(alerts) == 1
+    alert = alerts[0]
+    assert alert["subject"] == "net.2.weight" and alert["step"] == 9 and alert["value"] == 3.0
+    assert alert["severity"] == "error" and alert["source"] == "GradientStatsMonitor"
+    assert "net.2.weight" in alert["message"]
+    acc = read_events(trainer.log_dir)
+    assert scalars(acc, "monitor.grad/net.2.weight/nonfinite")[9] == 3.0
+    assert scalars(acc, "monitor.grad/_total/nonfinite_steps")[9] == 1.0
+    assert "monitor.alert/grad_nonfinite/text_summary" in acc.Tags()["tensors"]
+
+
+def test_raise_action_stops_with_monitor_error(tmp_path: Any, seed: int) -> None:
+    from lightwatch import MonitorError
+
+    class PoisonGrad(pl.Callback):
+        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+            pl_module.net[0].bias.grad[0] = float("inf")
+
+    trainer = make_trainer(tmp_path, [PoisonGrad(), GradientStatsMonitor(nonfinite_action="raise")], max_steps=10,
+                           log_every_n_steps=5)
+    with pytest.raises(MonitorError, match=r"grad_nonfinite.*step 4.*net\.0\.bias"):
+        trainer.fit(Classifier(), make_loader())
+
+
+def test_top_k_and_module_grouping(tmp_path: Any, seed: int) -> None:
+    recorder = GradientRecorder()
+    monitor = GradientStatsMonitor(group_by="module", top_k=1, histogram_every_n_steps=0)
+    trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=5, log_every_n_steps=5)
+    trainer.fit(Classifier(), make_loader())
+    acc = read_events(trainer.log_dir)
+    grad_norm_tags = [t for t in acc.Tags()["scalars"] if t.startswith("monitor.grad/") and t.endswith("/norm")
+                      and "_total" not in t]
+    grads = recorder.grads[4]
+    module_norms = {m: math.sqrt(grads[f"{m}.weight"].norm() ** 2 + grads[f"{m}.bias"].norm() ** 2)
+                    for m in ("net.0", "net.2", "net.4")}
+    worst = max(module_norms, key=module_norms.get)
+    assert grad_norm_tags == [f"monitor.grad/{worst}/norm"]
+    assert scalars(acc, grad_norm_tags[0])[4] == pytest.approx(module_norms[worst], rel=1e-5)
+    assert acc.Tags()["histograms"] == []
+
+
+def test_patterns_that_select_nothing_fail_clearly(tmp_path: Any) -> None:
+    monitor = GradientStatsMonitor(include=[r"^encoder\."])
+    trainer = make_trainer(tmp_path, [monitor], max_steps=2)
+    with pytest.raises(ValueError, match=r"encoder.*select no parameters.*net\.0\.weight"):
+        trainer.fit(Classifier(), make_loader())
+
+
+@pytest.mark.parametrize("bad", [dict(every_n_steps=0), dict(group_by="layer"), dict(top_k=0),
+                                 dict(nonfinite_action="explode"), dict(include=["("])])
+def test_bad_arguments_fail_at_construction(bad: Dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="GradientStatsMonitor"):
+        GradientStatsMonitor(**bad)

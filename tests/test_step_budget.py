@@ -1,0 +1,85 @@
+"""Budget checks: on steps that are not sampled lightwatch adds no host sync, no write, and no tensor op
+beyond the documented per-step global gradient norm. Counted, not timed."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any, Dict, List
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.tensorboard.writer import FileWriter
+
+from conftest import Classifier, make_loader, make_trainer
+from lightwatch import ActivationStatsMonitor, GradientStatsMonitor
+
+SYNC_OPS = {"_local_scalar_dense", "item"}
+ADD_EVENT = FileWriter.add_event
+
+
+class OpsPerStep(TorchDispatchMode):
+    """Counts every aten op, and every event-file write, by training step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = -1
+        self.ops: Dict[int, Counter] = defaultdict(Counter)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[self.step][func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class StepMarker(pl.Callback):
+    def __init__(self, counter: OpsPerStep) -> None:
+        self.counter = counter
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        self.counter.step = trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def run(tmp_path: Any, monitors: List[Any], monkeypatch: Any) -> OpsPerStep:
+    pl.seed_everything(0)
+    counter = OpsPerStep()
+    writes: Dict[int, int] = defaultdict(int)
+
+    def counting_add_event(self: Any, event: Any, *a: Any, **k: Any) -> Any:
+        writes[counter.step] += 1
+        return ADD_EVENT(self, event, *a, **k)
+
+    monkeypatch.setattr(FileWriter, "add_event", counting_add_event)
+    trainer = make_trainer(tmp_path, [StepMarker(counter)] + monitors, max_steps=20, log_every_n_steps=10)
+    model, loader = Classifier(depth=2), make_loader(n=320)
+    with counter:
+        trainer.fit(model, loader)
+    counter.writes = writes  # type: ignore[attr-defined]
+    return counter
+
+
+@pytest.mark.parametrize("norm_every_step", [False, True])
+def test_unsampled_steps_cost_nothing_but_the_documented_norm(tmp_path: Any, monkeypatch: Any,
+                                                             norm_every_step: bool) -> None:
+    bare = run(tmp_path / "bare", [], monkeypatch)
+    watched = run(tmp_path / "watched", [GradientStatsMonitor(every_n_steps=5, norm_every_step=norm_every_step),
+                                         ActivationStatsMonitor(every_n_steps=5)], monkeypatch)
+    sampled = {4, 9, 14, 19}
+    for step in range(1, 20):
+        extra = watched.ops[step] - bare.ops[step]
+        missing = bare.ops[step] - watched.ops[step]
+        assert not missing, f"step {step}: ops disappeared {missing}"
+        assert not (set(extra) & SYNC_OPS) or step in sampled, f"host sync on unsampled step {step}: {extra}"
+        if step in sampled:
+            assert extra, f"step {step} is sampled but computed nothing"
+            # the one device-to-host read per monitor and sampled step is a tolist(), never an item() per value
+            assert extra["_local_scalar_dense"] == 0, extra
+            continue
+        if norm_every_step:
+            # the per-step global norm: one fused foreach norm, a stack, a square, a sum, a store
+            assert set(extra) <= {"_foreach_norm", "stack", "pow", "sum", "copy_", "select", "zeros", "fill_",
+                                  "index_put_", "square"}, f"step {step}: {extra}"
+            assert extra["_foreach_norm"] == 1
+        else:
+            assert not extra, f"step {step}: unexpected ops {extra}"
+        assert watched.writes[step] == bare.writes[step], f"step {step}: extra event-file writes"
+    assert sum(watched.writes[s] - bare.writes[s] for s in sampled) > 0
