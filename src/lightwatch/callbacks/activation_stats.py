@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row, histogram_row, strided_sample
 from lightwatch.core.readback import HostReadback
@@ -133,7 +134,7 @@ class ActivationStatsMonitor(MonitorCallback):
         self.top_k = None if top_k is None else int(top_k)
         self.sample_size = int(sample_size)
         self.nonfinite_action = self.check_action(nonfinite_action, f"{where}(nonfinite_action=...)")
-        self.nonfinite_severity = nonfinite_severity
+        self.nonfinite_severity = check_severity(nonfinite_severity, f"{where}(nonfinite_severity=...)")
         self._names: List[str] = []
         self._handles: List[Any] = []
         self._active = False

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pytorch_lightning as pl
 import torch
 
+from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row, histogram_row
 from lightwatch.core.readback import HostReadback
@@ -90,7 +91,7 @@ class GradientStatsMonitor(MonitorCallback):
         self.norm_every_step = bool(norm_every_step)
         self.track_update_ratio = bool(track_update_ratio)
         self.nonfinite_action = self.check_action(nonfinite_action, f"{where}(nonfinite_action=...)")
-        self.nonfinite_severity = nonfinite_severity
+        self.nonfinite_severity = check_severity(nonfinite_severity, f"{where}(nonfinite_severity=...)")
         self._names: List[str] = []
         self._params: List[torch.nn.Parameter] = []
         self._all_params: List[torch.nn.Parameter] = []
@@ -146,7 +147,7 @@ class GradientStatsMonitor(MonitorCallback):
             self._before = [local_tensor(p.detach()).clone() for p in self._params]
 
     def _gradient_rows(self) -> torch.Tensor:
-        """[4, P]: squared norm, absmax, non-finite flag, present flag of each selected gradient."""
+        """[4, P]: squared norm, absmax, non-finite count, present flag of each selected gradient."""
         device = self._params[0].device
         rows = torch.zeros(4, len(self._params), device=device, dtype=torch.float32)
         present = [i for i, p in enumerate(self._params) if p.grad is not None]
@@ -162,11 +163,16 @@ class GradientStatsMonitor(MonitorCallback):
                                   torch.zeros((), device=device) for g in grads])
         rows[0].index_copy_(0, index, norms.square())
         rows[1].index_copy_(0, index, absmax)
-        if self._counts_on_device:  # cheap on an accelerator, and the gradients are gone when values are read
+        if self._counts_on_device:  # cheap on an accelerator, where reading the norms first would stall
             counts = torch.stack([(~torch.isfinite(g)).sum().float() for g in grads])
-        else:  # ~10x a norm's cost on the CPU: flag here, count on the host only where the flag is set
-            counts = (~torch.isfinite(norms)).float()
-        rows[2].index_copy_(0, index, counts)
+        else:
+            # On the CPU a full isfinite pass costs ~10x a norm, while reading the norms costs nothing (no
+            # device to wait for): count only the gradients whose norm says there is something to count.
+            counts = torch.zeros(len(grads))
+            for j, norm in enumerate(norms.tolist()):
+                if not math.isfinite(norm):
+                    counts[j] = float((~torch.isfinite(grads[j])).sum())
+        rows[2].index_copy_(0, index, counts.to(device))
         rows[3].index_fill_(0, index, 1.0)
         return rows
 
@@ -223,18 +229,13 @@ class GradientStatsMonitor(MonitorCallback):
     def _write(self, trainer: Any, pl_module: Any, values: List[float], step: int) -> None:
         n = len(self._params)
         cols = [values[i * n:(i + 1) * n] for i in range(6)]
-        grad_sq, nonfinite_flag, present, p_sq, delta_sq, before_sq = cols
+        grad_sq, nonfinite, present, p_sq, delta_sq, before_sq = cols
         offset = 6 * n
         ring = values[offset:offset + self.interval]
         offset += self.interval
         absmax = values[offset:offset + n]
         offset += n
 
-        nonfinite = list(nonfinite_flag)
-        if not self._counts_on_device:
-            for i in (i for i in range(n) if nonfinite_flag[i] > 0):
-                grad = self._params[i].grad  # read in the same step on the CPU, so still this step's gradient
-                nonfinite[i] = float((~torch.isfinite(grad)).sum()) if grad is not None else 1.0
 
         subjects: List[Tuple[str, Dict[str, float]]] = []
         for name, idx in self._groups:

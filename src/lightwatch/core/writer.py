@@ -135,7 +135,3 @@ class MonitorWriter:
             flush = getattr(exp, "flush", None)
             if callable(flush):
                 flush()
-
-
-def nan_to_none(d: Dict[str, float]) -> Dict[str, Any]:
-    return {k: (v if math.isfinite(v) else None) for k, v in d.items()}
