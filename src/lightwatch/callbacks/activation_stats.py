@@ -18,12 +18,17 @@ from lightwatch.core.selection import Selection, top_k_subjects
 
 __all__ = ["ActivationStatsMonitor", "first_tensor"]
 
-# SUM row: Σy, Σy², n, zeros (sample), n (sample), saturated (sample), units, hook calls
-_S_SUM, _S_SQ, _S_N, _S_ZERO, _S_NSUB, _S_SAT, _S_UNITS, _S_CALLS = range(8)
-_SUM_WIDTH = 8
-# MAX row: absmax, non-finite flag
-_M_ABSMAX, _M_NONFINITE = range(2)
+# Device SUM row per module: Σy, Σy², non-zeros in the sample, saturated values in the sample.
+_S_SUM, _S_SQ, _S_NONZERO, _S_SAT = range(4)
+_SUM_WIDTH = 4
+# Device MAX row per module: -min, max.
+_M_NEG_MIN, _M_MAX = range(2)
 _MAX_WIDTH = 2
+# Host counts per module, known from shapes (no sync): values, sampled values, hook calls.
+_C_N, _C_SAMPLE, _C_CALLS = range(3)
+_COUNT_WIDTH = 3
+# Modules whose outputs are exactly zero for inactive units: where "dead units" mean something.
+_RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.Threshold, nn.Hardswish, nn.Hardshrink, nn.Softshrink)
 _CHANNEL_FIRST = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
                   "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
                   "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
@@ -144,6 +149,9 @@ class ActivationStatsMonitor(MonitorCallback):
         self._hist: List[Optional[torch.Tensor]] = []
         self._order: List[int] = []
         self._bounded: List[bool] = []
+        self._rectifier: List[bool] = []
+        self._counts: List[List[float]] = []
+        self._units: Optional[List[int]] = None
         self._hist_mask: List[bool] = []
         self._calls = 0
         self._skipped: Dict[str, str] = {}
@@ -157,6 +165,8 @@ class ActivationStatsMonitor(MonitorCallback):
         selected = self.selection.modules(pl_module)
         self._names = [n for n, _ in selected]
         self._alive = [None] * len(selected)
+        self._counts = [[0.0] * _COUNT_WIDTH for _ in selected]
+        self._rectifier = [isinstance(module, _RECTIFIERS) for _, module in selected]
         self._hist = [None] * len(selected)
         self._order = [-1] * len(selected)
         self._bounded = [_saturation_mask(module) is not None for _, module in selected]
@@ -189,47 +199,46 @@ class ActivationStatsMonitor(MonitorCallback):
         if self._sum is None or self._sum.device != device:
             m = len(self._names)
             self._sum = torch.zeros(m, _SUM_WIDTH, device=device, dtype=torch.float32)
-            self._max = torch.zeros(m, _MAX_WIDTH, device=device, dtype=torch.float32)
+            self._max = torch.full((m, _MAX_WIDTH), -float("inf"), device=device, dtype=torch.float32)
         return self._sum, self._max
 
     def _record(self, i: int, y: torch.Tensor, saturation: Any, channel_first: bool) -> None:
+        n = y.numel()
+        if n == 0:
+            return
         sums, maxes = self._buffers(y.device)
         if self._order[i] < 0:
             self._order[i] = self._calls
             self._calls += 1
-        n = y.numel()
-        if n == 0:
-            return
+        # Three reductions over the whole output; everything else on a strided sample or from shapes.
         total = y.sum(dtype=torch.float32)
         norm = torch.linalg.vector_norm(y, dtype=torch.float32)
         lo, hi = torch.aminmax(y)
-        absmax = torch.maximum(lo.float().abs(), hi.float().abs())
         sample = strided_sample(y, self.sample_size)
-        n_sample = sample.numel()
-        zeros = n_sample - torch.count_nonzero(sample)
-        saturated = saturation(sample).sum() if saturation is not None else torch.zeros((), device=y.device)
-        # dead units: per-unit "any non-zero" over the batch (or the first samples that fit the budget)
-        rows = y if n <= 4 * self.sample_size or y.dim() < 2 else y[: max(1, (4 * self.sample_size) // (n // y.shape[0]))]
-        unit_dim = 1 if channel_first and y.dim() >= 3 else y.dim() - 1
-        if y.dim() >= 2:
-            alive = rows.ne(0).flatten(0, unit_dim - 1).any(0) if unit_dim > 0 else rows.ne(0).any(0)
-            if alive.dim() > 1:
-                alive = alive.flatten(1).any(1)
-            alive = alive.float()
-            units = alive.numel()
-            prev = self._alive[i]
-            self._alive[i] = alive if prev is None or prev.shape != alive.shape else torch.maximum(prev, alive)
-        else:
-            units = 0
-        sums[i] += torch.stack([
-            total, norm.square(), torch.full((), float(n), device=y.device),
-            zeros.float(), torch.full((), float(n_sample), device=y.device), saturated.float(),
-            torch.full((), float(units), device=y.device), torch.ones((), device=y.device),
-        ])
-        nonfinite = (~torch.isfinite(total + absmax)).float()
-        torch.maximum(maxes[i], torch.stack([torch.nan_to_num(absmax, nan=float("inf")), nonfinite]), out=maxes[i])
+        nonzero = torch.count_nonzero(sample)
+        saturated = saturation(sample).sum() if saturation is not None else nonzero.new_zeros(())
+        sums[i] += torch.stack([total, norm.square(), nonzero.float(), saturated.float()])
+        # -min and max reduce with MAX across ranks; NaN propagates, so non-finite outputs stay visible.
+        torch.maximum(maxes[i], torch.stack([-lo, hi]).float(), out=maxes[i])
+        counts = self._counts[i]
+        counts[_C_N] += n
+        counts[_C_SAMPLE] += sample.numel()
+        counts[_C_CALLS] += 1
+        if self._rectifier[i] and y.dim() >= 2:
+            self._record_alive(i, y, channel_first)
         if self.histogram_step and self._hist[i] is None:
             self._hist[i] = histogram_row(sample, HIST_BINS, self.sample_size)
+
+    def _record_alive(self, i: int, y: torch.Tensor, channel_first: bool) -> None:
+        """Per unit: non-zero anywhere in the batch (or in the first samples that fit the budget)."""
+        per_sample = y.numel() // max(y.shape[0], 1)
+        rows = y if y.numel() <= 4 * self.sample_size else y[: max(1, (4 * self.sample_size) // max(per_sample, 1))]
+        if channel_first and y.dim() >= 3:  # [B, C, ...]: a unit is a channel
+            alive = rows.ne(0).transpose(0, 1).flatten(1).any(1)
+        else:  # [..., F]: a unit is a feature of the last dimension
+            alive = rows.ne(0).flatten(0, -2).any(0)
+        prev = self._alive[i]
+        self._alive[i] = alive if prev is None or prev.shape != alive.shape else prev | alive
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
@@ -253,29 +262,49 @@ class ActivationStatsMonitor(MonitorCallback):
             self._publish(trainer, pl_module)
 
     def _pack(self) -> torch.Tensor:
+        """One flat buffer: the SUM part and MAX part (reduced across ranks), then histograms."""
         assert self._sum is not None and self._max is not None
         device = self._sum.device
-        alive = [a if a is not None else torch.zeros(0, device=device) for a in self._alive]
-        sum_part = self._sum.reshape(-1).clone()
+        units = self._agreed_units(device)
+        alive = [self._fit(a, u, device) for a, u in zip(self._alive, units)]
+        sum_part = torch.cat([self._sum.reshape(-1), torch.tensor(self._counts, device=device).reshape(-1)])
         max_part = torch.cat([self._max.reshape(-1)] + alive)
         all_reduce_flat(sum_part, max_part)  # a no-op on one process
-        alive_reduced = max_part[self._max.numel():]
-        alive_counts = []
-        offset = 0
-        for a in alive:  # units alive on any rank, counted after the MAX
-            alive_counts.append(alive_reduced[offset:offset + a.numel()].sum() if a.numel() else
-                                torch.zeros((), device=device))
-            offset += a.numel()
-        parts = [sum_part, max_part[: self._max.numel()], torch.stack(alive_counts)]
+        # units alive on any rank, counted after the MAX
+        alive_counts = torch.stack([chunk.sum() for chunk in max_part[self._max.numel():].split(units)]) \
+            if units else torch.zeros(0, device=device)
+        parts = [sum_part, max_part[: self._max.numel()], alive_counts]
         self._hist_mask = [h is not None for h in self._hist]
         hist_rows = [h for h in self._hist if h is not None]
         if hist_rows:
             parts.append(torch.stack(hist_rows).reshape(-1))
         self._sum.zero_()
-        self._max.zero_()
+        self._max.fill_(-float("inf"))
         self._alive = [None] * len(self._names)
+        self._counts = [[0.0] * _COUNT_WIDTH for _ in self._names]
         self._hist = [None] * len(self._names)
         return torch.cat(parts)
+
+    def _agreed_units(self, device: torch.device) -> List[int]:
+        """Units per module, the same on every rank, so the MAX buffer has the same length everywhere.
+
+        Agreed once, at the first sampled step (which every rank reaches together), with one extra MAX
+        collective; later steps pad or cut their per-unit flags to these sizes.
+        """
+        if self._units is None:
+            local = torch.tensor([float(a.numel()) if a is not None else 0.0 for a in self._alive], device=device)
+            all_reduce_flat(None, local)
+            self._units = [int(u) for u in local.tolist()]
+        return self._units
+
+    @staticmethod
+    def _fit(alive: Optional[torch.Tensor], units: int, device: torch.device) -> torch.Tensor:
+        if alive is None:
+            return torch.zeros(units, device=device)
+        alive = alive.float()
+        if alive.numel() == units:
+            return alive
+        return torch.cat([alive, alive.new_zeros(max(units - alive.numel(), 0))])[:units]
 
     # --------------------------------------------------------------------------- host side
     def _publish(self, trainer: Any, pl_module: Any) -> None:
@@ -287,6 +316,8 @@ class ActivationStatsMonitor(MonitorCallback):
         m = len(self._names)
         sums = [values[i * _SUM_WIDTH:(i + 1) * _SUM_WIDTH] for i in range(m)]
         base = m * _SUM_WIDTH
+        counts = [values[base + i * _COUNT_WIDTH: base + (i + 1) * _COUNT_WIDTH] for i in range(m)]
+        base += m * _COUNT_WIDTH
         maxes = [values[base + i * _MAX_WIDTH: base + (i + 1) * _MAX_WIDTH] for i in range(m)]
         base += m * _MAX_WIDTH
         alive_counts = values[base: base + m]
@@ -294,25 +325,25 @@ class ActivationStatsMonitor(MonitorCallback):
 
         stats: List[Tuple[str, Dict[str, float]]] = []
         for i, name in enumerate(self._names):
-            s, mx = sums[i], maxes[i]
-            if s[_S_CALLS] == 0 or s[_S_N] == 0:
+            s, c, mx = sums[i], counts[i], maxes[i]
+            n, n_sample = c[_C_N], c[_C_SAMPLE]
+            if c[_C_CALLS] == 0 or n == 0:
                 continue
-            n = s[_S_N]
             mean = s[_S_SUM] / n
             var = max(s[_S_SQ] / n - mean * mean, 0.0) if math.isfinite(mean) else float("nan")
-            calls = s[_S_CALLS]
-            units = s[_S_UNITS] / calls
+            nonfinite = not (math.isfinite(mx[_M_NEG_MIN]) and math.isfinite(mx[_M_MAX]))
             row = {
                 "mean": mean,
                 "std": math.sqrt(var) if math.isfinite(var) else float("nan"),
-                "absmax": mx[_M_ABSMAX],
-                "zero_frac": s[_S_ZERO] / s[_S_NSUB] if s[_S_NSUB] else 0.0,
-                "nonfinite": mx[_M_NONFINITE],
+                "absmax": float("inf") if nonfinite else max(mx[_M_NEG_MIN], mx[_M_MAX]),
+                "zero_frac": 1.0 - s[_S_NONZERO] / n_sample,
+                "nonfinite": float(nonfinite),
             }
-            if units > 0:
+            units = self._units[i] if self._units else 0
+            if self._rectifier[i] and units > 0:
                 row["dead_frac"] = (units - alive_counts[i]) / units
             if self._bounded[i]:
-                row["saturation"] = s[_S_SAT] / s[_S_NSUB] if s[_S_NSUB] else 0.0
+                row["saturation"] = s[_S_SAT] / n_sample
             stats.append((name, row))
 
         flagged = [name for name, row in stats if row["nonfinite"] > 0]

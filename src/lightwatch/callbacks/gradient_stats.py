@@ -159,8 +159,9 @@ class GradientStatsMonitor(MonitorCallback):
         if device.type == "cuda":
             absmax = torch.stack(torch._foreach_norm(grads, float("inf"), dtype=torch.float32))
         else:  # on the CPU ord=inf is ~10x slower than one aminmax pass
-            absmax = torch.stack([torch.stack(torch.aminmax(g)).abs().amax().float() if g.numel() else
-                                  torch.zeros((), device=device) for g in grads])
+            extremes = [torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(())) for g in grads]
+            absmax = torch.maximum(torch.stack([lo for lo, _ in extremes]).float().neg(),
+                                   torch.stack([hi for _, hi in extremes]).float())
         rows[0].index_copy_(0, index, norms.square())
         rows[1].index_copy_(0, index, absmax)
         if self._counts_on_device:  # cheap on an accelerator, where reading the norms first would stall
@@ -201,9 +202,9 @@ class GradientStatsMonitor(MonitorCallback):
         params = [local_tensor(p.detach()) for p in self._params]
         p_norm_sq = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).square()
         if self._before is not None:
-            delta = torch._foreach_sub(params, self._before)
-            delta_sq = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32)).square()
             before_sq = torch.stack(torch._foreach_norm(self._before, 2, dtype=torch.float32)).square()
+            torch._foreach_sub_(self._before, params)  # in place: the copy becomes -Δw, no second allocation
+            delta_sq = torch.stack(torch._foreach_norm(self._before, 2, dtype=torch.float32)).square()
             self._before = None
         else:
             delta_sq = before_sq = torch.full_like(p_norm_sq, float("nan"))

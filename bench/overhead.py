@@ -1,0 +1,130 @@
+"""Overhead of lightwatch's monitors against the same training without them, in the same process.
+
+Protocol (see README): one thread, synthetic data, every variant warmed up, variants interleaved in
+shuffled rounds, per-step wall time taken at ``on_train_batch_start``; the amortized ratio is the ratio of
+mean step times over whole logging periods (median and IQR over rounds); unsampled-step overhead is the
+ratio of mean times of the steps that were not sampled.
+
+    OMP_NUM_THREADS=1 python bench/overhead.py                      # all workloads, intervals 1, 10, 50
+    OMP_NUM_THREADS=1 python bench/overhead.py --workloads mlp --rounds 5 --intervals 50
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from workloads import WORKLOADS, make  # noqa: E402
+
+from lightwatch import ActivationStatsMonitor, GradientStatsMonitor  # noqa: E402
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore")
+import logging  # noqa: E402
+
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.starts: List[float] = []
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, *args: Any) -> None:
+        self.starts.append(time.perf_counter())
+
+    def step_times(self) -> List[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:])]
+
+
+def monitors(interval: Optional[int], histograms: bool) -> List[pl.Callback]:
+    if interval is None:
+        return []
+    hist = None if histograms else 0
+    return [GradientStatsMonitor(every_n_steps=interval, histogram_every_n_steps=hist),
+            ActivationStatsMonitor(every_n_steps=interval, histogram_every_n_steps=hist)]
+
+
+def run_once(workload: str, interval: Optional[int], steps: int, histograms: bool, log_dir: str) -> List[float]:
+    factory, loader = make(workload, steps)
+    pl.seed_everything(0, verbose=False)
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        max_steps=steps, log_every_n_steps=50, accelerator="cpu", devices=1, callbacks=[timer] + monitors(
+            interval, histograms), enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        logger=pl.loggers.TensorBoardLogger(log_dir, name=workload), limit_val_batches=0,
+    )
+    trainer.fit(factory(), loader)
+    return timer.step_times()
+
+
+def iqr(values: List[float]) -> float:
+    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+    return q[2] - q[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--intervals", nargs="+", type=int, default=[1, 10, 50])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--periods", type=int, default=2, help="logging periods of 50 steps measured per run")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--histograms", action="store_true", help="also write histograms (every 10 intervals)")
+    ap.add_argument("--log-dir", default="/tmp/lightwatch-bench")
+    args = ap.parse_args()
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
+          f"{platform.python_version()}, torch {torch.__version__}, pytorch_lightning {pl.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    measured = args.periods * 50
+    steps = args.warmup + measured
+    print(f"{args.rounds} rounds, {measured} measured steps per run after {args.warmup} warm-up steps\n")
+    print("| workload | interval | bare step (ms) | amortized ratio (median) | IQR | unsampled-step ratio | "
+          "sampled-step extra (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for workload in args.workloads:
+        variants: List[Optional[int]] = [None] + list(args.intervals)
+        for v in variants:  # warm-up of every variant
+            run_once(workload, v, args.warmup + 5, args.histograms, args.log_dir)
+        times: Dict[Optional[int], List[List[float]]] = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            order = variants[:]
+            random.shuffle(order)
+            for v in order:
+                times[v].append(run_once(workload, v, steps, args.histograms, args.log_dir)[args.warmup:steps])
+        for interval in args.intervals:
+            ratios, idle_ratios, extras, bare_means = [], [], [], []
+            for bare, watched in zip(times[None], times[interval]):
+                first = args.warmup
+                sampled = [i for i in range(len(watched)) if (first + i + 1) % interval == 0]
+                unsampled = [i for i in range(len(watched)) if (first + i + 1) % interval != 0]
+                bare_mean = statistics.fmean(bare)
+                bare_means.append(bare_mean)
+                ratios.append(statistics.fmean(watched) / bare_mean)
+                if unsampled:
+                    idle_ratios.append(statistics.fmean(watched[i] for i in unsampled) /
+                                       statistics.fmean(bare[i] for i in unsampled))
+                extras.append(statistics.fmean(watched[i] - bare[i] for i in sampled))
+            idle = f"{statistics.median(idle_ratios):.3f}" if idle_ratios else "n/a (every step sampled)"
+            print(f"| {WORKLOADS[workload]} | {interval} | {1e3 * statistics.median(bare_means):.1f} | "
+                  f"{statistics.median(ratios):.3f} | {iqr(ratios):.3f} | {idle} | "
+                  f"{1e3 * statistics.median(extras):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

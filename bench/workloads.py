@@ -1,0 +1,85 @@
+"""The reference workloads of the overhead benchmark: synthetic data, no I/O, plain LightningModules."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Tuple
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Task(pl.LightningModule):
+    def __init__(self, net: nn.Module, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self.net(x)
+        loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+    )
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab: int = 1000, d: int = 128, layers: int = 4, seq: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(seq, d))
+        layer = nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=4 * d, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x) + self.pos))
+
+
+def deep_mlp(depth: int = 32, width: int = 256) -> nn.Module:
+    layers = [nn.Linear(64, width)]
+    for _ in range(depth - 1):
+        layers += [nn.LayerNorm(width), nn.ReLU(), nn.Linear(width, width)]
+    layers += [nn.ReLU(), nn.Linear(width, 10)]
+    return nn.Sequential(*layers)
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, batch: int) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False, drop_last=True)
+
+
+def make(name: str, steps: int) -> Tuple[Callable[[], pl.LightningModule], DataLoader]:
+    """``(model factory, loader with at least `steps` batches)`` for a workload name."""
+    g = torch.Generator().manual_seed(0)
+    if name == "cnn":
+        batch = 32
+        x, y = torch.randn(steps * batch, 3, 32, 32, generator=g), torch.randint(0, 10, (steps * batch,), generator=g)
+        return (lambda: Task(small_cnn())), _loader(x, y, batch)
+    if name == "transformer":
+        batch = 16
+        x = torch.randint(0, 1000, (steps * batch, 64), generator=g)
+        return (lambda: Task(TinyTransformer())), _loader(x, x.roll(-1, dims=1), batch)
+    if name == "mlp":
+        batch = 64
+        x, y = torch.randn(steps * batch, 64, generator=g), torch.randint(0, 10, (steps * batch,), generator=g)
+        return (lambda: Task(deep_mlp())), _loader(x, y, batch)
+    raise ValueError(f"unknown workload {name!r}; use one of cnn, transformer, mlp")
+
+
+WORKLOADS: Dict[str, str] = {
+    "cnn": "(a) small CNN, CIFAR-size batch of 32",
+    "transformer": "(b) tiny transformer, 4 layers, d=128, seq 64, batch 16",
+    "mlp": "(c) deep MLP, 32 x [Linear 256, LayerNorm, ReLU], batch 64",
+}
