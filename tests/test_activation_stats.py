@@ -170,3 +170,21 @@ def test_hooks_do_nothing_outside_sampled_training_steps(tmp_path: Any, seed: in
                            val_check_interval=5)
     trainer.fit(Classifier(depth=1), make_loader(), make_loader(n=32))
     assert len(calls) == 2 * 3  # two sampled steps x three leaf modules, none in validation
+
+
+def test_hooks_work_under_torch_compile_without_recompiling_each_sample(tmp_path: Any, seed: int) -> None:
+    import torch._dynamo
+
+    class Compiled(Classifier):
+        def configure_model(self) -> None:  # runs after the callbacks' setup registered their hooks
+            self.net = torch.compile(self.net, backend="aot_eager")
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    trainer = make_trainer(tmp_path, [ActivationStatsMonitor(every_n_steps=5)], max_steps=30, log_every_n_steps=5)
+    trainer.fit(Compiled(), make_loader(n=640))
+    acc = read_events(trainer.log_dir)
+    assert sorted(scalars(acc, "monitor.act/net.1/mean")) == [4, 9, 14, 19, 24, 29]
+    counters = torch._dynamo.utils.counters
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] <= 3  # gated off, gated on: not one graph per sampled step
