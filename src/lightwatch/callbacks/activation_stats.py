@@ -267,7 +267,9 @@ class ActivationStatsMonitor(MonitorCallback):
         device = self._sum.device
         units = self._agreed_units(device)
         alive = [self._fit(a, u, device) for a, u in zip(self._alive, units)]
-        sum_part = torch.cat([self._sum.reshape(-1), torch.tensor(self._counts, device=device).reshape(-1)])
+        # host counts travel with the device sums: pinned and non-blocking, so the copy never stalls
+        counts = torch.tensor(self._counts, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        sum_part = torch.cat([self._sum.reshape(-1), counts.reshape(-1)])
         max_part = torch.cat([self._max.reshape(-1)] + alive)
         all_reduce_flat(sum_part, max_part)  # a no-op on one process
         # units alive on any rank, counted after the MAX

@@ -39,7 +39,7 @@ def histogram_row(t: torch.Tensor, bins: int = HIST_BINS, max_values: int = 6553
     """
     x = strided_sample(t, max_values).float()
     finite = torch.isfinite(x)
-    inf = torch.tensor(float("inf"), device=x.device)
+    inf = x.new_full((), float("inf"))  # a fill, not a host-to-device copy
     lo = torch.where(finite, x, inf).amin() if x.numel() else inf
     hi = torch.where(finite, x, -inf).amax() if x.numel() else -inf
     any_finite = finite.any()
