@@ -158,13 +158,17 @@ class AlertLog:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
-    def publish(self, alert: Alert, writer: Any = None) -> None:
-        """Record ``alert`` (rank 0 writes; every rank counts it and tells its listeners)."""
+    def publish(self, alert: Alert, writer: Any = None, record: bool = True) -> None:
+        """Count ``alert`` and tell the listeners (every rank); write it (rank 0) unless ``record`` is False.
+
+        ``record=False`` is for alerts a cooldown keeps out of the files: they still count, so state derived
+        from alerts (a checkpoint's healthy mark) never misses a fault that keeps firing.
+        """
         self.counts[alert.severity] = self.counts.get(alert.severity, 0) + 1
         self.history.append(alert)
         del self.history[: -self.max_history]
         trainer = self._trainer_ref()
-        if trainer is not None and is_global_zero(trainer):
+        if record and trainer is not None and is_global_zero(trainer):
             self._write_file(trainer, alert)
             logger.log(_LOG_LEVELS[alert.severity], "[%s] %s step %d: %s", alert.severity, alert.rule, alert.step,
                        alert.message)

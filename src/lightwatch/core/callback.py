@@ -120,10 +120,9 @@ class MonitorCallback(pl.Callback):
             epoch=int(getattr(trainer, "current_epoch", 0)),
         )
         allowed, suppressed = self.cooldown.allow(rule, subject, alert.step)
-        if allowed:
-            if suppressed:
-                alert.message += f" ({suppressed} similar alert(s) suppressed by the cooldown.)"
-            alert_log(trainer).publish(alert, self.writer)
+        if allowed and suppressed:
+            alert.message += f" ({suppressed} similar alert(s) suppressed by the cooldown.)"
+        alert_log(trainer).publish(alert, self.writer, record=allowed)
         run_action(action, ActionContext(trainer, pl_module, alert, self))
         return alert
 
