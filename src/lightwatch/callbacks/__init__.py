@@ -1,5 +1,7 @@
 """The lightwatch callbacks, one module each."""
 from lightwatch.callbacks.activation_stats import ActivationStatsMonitor
 from lightwatch.callbacks.gradient_stats import GradientStatsMonitor
+from lightwatch.callbacks.metric_checkpoint import MetricCheckpoint
+from lightwatch.callbacks.metric_monitor import MetricMonitor
 
-__all__ = ["ActivationStatsMonitor", "GradientStatsMonitor"]
+__all__ = ["ActivationStatsMonitor", "GradientStatsMonitor", "MetricCheckpoint", "MetricMonitor"]

@@ -1,0 +1,248 @@
+"""``MetricMonitor`` in a real Trainer: when rules read values, what they write, and what it costs."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import Classifier, make_loader, make_trainer, read_alerts, read_events, scalars
+from lightwatch.callbacks import MetricMonitor
+from lightwatch.core.actions import MonitorWarning
+
+torch.set_num_threads(1)
+NAN = float("nan")
+
+
+class Scripted(Classifier):
+    """Logs ``series[name][step]`` under ``name`` at each training step (``None``: not logged that step)."""
+
+    def __init__(self, series: Dict[str, Sequence[Optional[float]]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.series = series
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        step = self.trainer.global_step
+        for name, values in self.series.items():
+            if step < len(values) and values[step] is not None:
+                self.log(name, float(values[step]))
+        return loss
+
+
+def alert_steps(directory: str, rule: str) -> List[int]:
+    return [a["step"] for a in read_alerts(directory) if a["rule"] == rule]
+
+
+def noise(n: int, seed: int, level: float = 1.0, scale: float = 0.02) -> List[float]:
+    g = torch.Generator().manual_seed(seed)
+    return (level + scale * torch.randn(n, generator=g)).tolist()
+
+
+RULES = {
+    "thr": {"metric": "s/thr", "kind": "threshold", "above": 10.0, "action": "log"},
+    "nf": {"metric": "s/nf", "kind": "nonfinite", "action": "log"},
+    "pl": {"metric": "s/pl", "kind": "plateau", "patience": 5, "min_delta": 0.01, "action": "log", "cooldown": 100},
+    "sp": {"metric": "s/sp", "kind": "spike", "action": "log"},
+    "tr": {"metric": "s/tr", "kind": "trend", "checks": 5, "action": "log", "cooldown": 100},
+    "gap": {"metric": "s/val", "reference": "s/train", "kind": "gap", "above": 0.5, "action": "log"},
+}
+
+
+def scripted_series(faults: bool, n: int = 45) -> Dict[str, List[Optional[float]]]:
+    thr = [1.0] * n
+    nf = noise(n, 1)
+    pl_ = [3.0 - 0.1 * i for i in range(n)]  # keeps improving by more than min_delta
+    sp = noise(n, 2)
+    tr = [1.0] * n
+    val, train = [1.0] * n, [0.8] * n
+    if faults:
+        thr[7], thr[20] = 15.0, 12.0
+        nf[12] = NAN
+        pl_ = [3.0 - 0.1 * i if i < 15 else 1.6 for i in range(n)]  # best at 14; flat from 15: 5 checks at 19
+        sp[25] = 3.0
+        tr = [1.0 if i < 30 else 1.1 ** (i - 29) for i in range(n)]
+        val[40] = 1.5
+    return {"s/thr": thr, "s/nf": nf, "s/pl": pl_, "s/sp": sp, "s/tr": tr, "s/val": val, "s/train": train}
+
+
+def test_each_kind_fires_exactly_when_it_should_in_a_trainer(tmp_path: Any, seed: int) -> None:
+    monitor = MetricMonitor(rules=RULES, defaults=False, every_n_steps=1, alert_cooldown_steps=0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=45)
+    trainer.fit(Scripted(scripted_series(faults=True)), make_loader(n=45 * 16))
+    assert alert_steps(str(tmp_path), "thr") == [7, 20]
+    assert alert_steps(str(tmp_path), "nf") == [12]
+    assert alert_steps(str(tmp_path), "pl") == [19]
+    assert alert_steps(str(tmp_path), "sp") == [25]
+    assert alert_steps(str(tmp_path), "tr") == [31]  # window [1, 1, 1, 1.1, 1.21]: tau 0.7, rise 0.2
+    assert alert_steps(str(tmp_path), "gap") == [40]
+    record = next(a for a in read_alerts(str(tmp_path)) if a["rule"] == "thr")
+    assert record["subject"] == "s/thr" and record["value"] == 15.0 and record["threshold"] == 10.0
+    assert record["source"] == "MetricMonitor" and record["action"] == "log" and record["severity"] == "warning"
+
+
+def test_no_alert_on_healthy_sequences(tmp_path: Any, seed: int) -> None:
+    monitor = MetricMonitor(rules=RULES, every_n_steps=1, alert_cooldown_steps=0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=45)
+    trainer.fit(Scripted(scripted_series(faults=False)), make_loader(n=45 * 16))
+    assert read_alerts(str(tmp_path)) == []
+    assert all(r.seen for r in monitor.rules.rules)
+
+
+def test_no_arguments_on_a_plain_classifier_is_quiet_and_cheap(tmp_path: Any, seed: int) -> None:
+    monitor = MetricMonitor()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=60, log_every_n_steps=5)
+    trainer.fit(Classifier(), make_loader(n=512))
+    assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite", "loss_spike"]
+    assert read_alerts(str(tmp_path)) == []
+    assert monitor.interval == 5  # follows Trainer(log_every_n_steps)
+    assert monitor.host_reads == 12 and monitor.collectives == 0  # one read per sampled step, nothing else
+    acc = read_events(os.path.join(str(tmp_path), "tb", "version_0"))
+    steps = sorted(scalars(acc, "monitor.rule/loss_spike/score"))
+    assert steps == [54, 59]  # after min_history (10) checks; on the steps of the train/loss curve
+    assert set(steps) <= set(scalars(acc, "train/loss"))
+
+
+def test_nonfinite_loss_stops_the_run_by_default(tmp_path: Any, seed: int) -> None:
+    class Poisoned(Classifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            if self.trainer.global_step == 12:
+                x = x * NAN
+            return super().training_step((x, y), batch_idx)
+
+    monitor = MetricMonitor(every_n_steps=5)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=60)
+    trainer.fit(Poisoned(), make_loader(n=1024))
+    (alert,) = read_alerts(str(tmp_path))
+    assert (alert["rule"], alert["step"], alert["severity"], alert["action"]) == ("loss_nonfinite", 14, "error", "stop")
+    assert alert["subject"] == "monitor.step/loss" and alert["value"] is None and "NaN" in alert["message"]
+    assert trainer.global_step == 15  # stopped right after the check
+
+
+class EpochLogs(Classifier):
+    """Validation metrics, and a value logged in ``on_train_epoch_end`` (after ordinary callbacks ran)."""
+
+    def on_train_epoch_end(self) -> None:
+        self.log("late", float(self.current_epoch + 1))
+
+
+def test_each_value_is_read_once_at_its_check_point(tmp_path: Any, seed: int) -> None:
+    rules = {
+        # lr=0: val/loss repeats exactly; with step checks every step it must still count once per validation
+        "val_plateau": {"metric": "val/loss", "kind": "plateau", "patience": 2, "action": "log"},
+        "late_trend": {"metric": "late", "kind": "trend", "checks": 3, "action": "log"},
+        "train_epoch_only": {"metric": "train/loss", "kind": "threshold", "above": 1e9, "check_on": ["epoch"]},
+    }
+    monitor = MetricMonitor(rules=rules, defaults=False, every_n_steps=1)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=-1, max_epochs=4, limit_train_batches=4,
+                           limit_val_batches=2, num_sanity_val_steps=2)
+    trainer.fit(EpochLogs(lr=0.0), make_loader(n=64), make_loader(n=32, seed=1))
+    plateau = monitor.rules.by_name["val_plateau"]
+    assert plateau.wait == 3 and plateau.fired == 1  # validations 2, 3, 4 did not improve on the first
+    assert alert_steps(str(tmp_path), "val_plateau") == [11]  # at the end of the third validation (epoch 2)
+    late = monitor.rules.by_name["late_trend"]
+    assert late.values == [2.0, 3.0, 4.0] and late.steps[-1] == 16  # one value per epoch, the last at train end
+    assert late.last_point == "epoch_late" and alert_steps(str(tmp_path), "late_trend") == [12]
+    assert monitor.rules.by_name["train_epoch_only"].last_point == "epoch"
+
+
+def test_missing_metric_warns_once_naming_what_exists(tmp_path: Any, seed: int) -> None:
+    rules = {"typo": {"metric": "val/los", "kind": "plateau", "patience": 2}}
+    monitor = MetricMonitor(rules=rules, every_n_steps=5)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=-1, max_epochs=3, limit_train_batches=10,
+                           limit_val_batches=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Classifier(), make_loader(n=160), make_loader(n=32, seed=1))
+    mine = [w for w in caught if issubclass(w.category, MonitorWarning)]
+    assert len(mine) == 1
+    text = str(mine[0].message)
+    assert "'typo'" in text and "'val/los'" in text and "Did you mean 'val/loss'?" in text
+    assert "Metrics that exist:" in text and "train/loss" in text
+    records = [a for a in read_alerts(str(tmp_path)) if a["rule"] == "metric_missing"]
+    assert len(records) == 1 and records[0]["subject"] == "val/los" and records[0]["step"] == 10
+
+
+def test_warmup_and_cooldown_hold_in_a_trainer(tmp_path: Any, seed: int) -> None:
+    rules = {"always": {"metric": "monitor.step/loss", "kind": "threshold", "above": -1.0, "action": "log",
+                        "warmup": 10, "cooldown": 20, "check_on": ["step"]}}
+    monitor = MetricMonitor(rules=rules, defaults=False, every_n_steps=1, alert_cooldown_steps=0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=60)
+    trainer.fit(Classifier(), make_loader(n=1024))
+    assert alert_steps(str(tmp_path), "always") == [10, 30, 50]
+
+
+def test_requires_gate_in_a_trainer(tmp_path: Any, seed: int) -> None:
+    # AUTOTRAINER's gate: the gradient alarm only counts while the loss is not improving
+    rules = {"stuck": {"metric": "s/loss", "kind": "plateau", "patience": 2, "silent": True},
+             "grad": {"metric": "monitor.step/grad_norm", "kind": "threshold", "above": 0.0, "requires": "stuck",
+                      "action": "log", "check_on": ["step"]}}
+    monitor = MetricMonitor(rules=rules, defaults=False, every_n_steps=1, alert_cooldown_steps=0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=10)
+    loss = [3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    trainer.fit(Scripted({"s/loss": loss}), make_loader(n=160))
+    assert alert_steps(str(tmp_path), "grad") == [4, 5, 8, 9]  # the loss stalled for 2 checks at 4-5 and 8-9
+    assert monitor.rules.by_name["stuck"].fired == 0  # silent: a condition, never an alert
+
+
+def test_every_step_rules_cost_one_read_per_step(tmp_path: Any, seed: int) -> None:
+    def fit(rules: Optional[Dict[str, Any]]) -> MetricMonitor:
+        monitor = MetricMonitor(rules=rules, every_n_steps=5)
+        trainer = make_trainer(tmp_path, [monitor], max_steps=40, limit_val_batches=2, val_check_interval=20)
+        trainer.fit(Classifier(), make_loader(n=640), make_loader(n=32, seed=1))
+        return monitor
+
+    sampled = fit(None)
+    assert sampled.host_reads == 8  # 40 steps / 5; validations have no rule due: no read
+    per_step = fit({"nan_skip": {"metric": "monitor.step/loss", "kind": "nonfinite", "action": "skip_step"},
+                    "val_nan": {"metric": "val/loss", "kind": "nonfinite", "check_on": ["validation"]}})
+    assert per_step.host_reads == 40 + 8 + 2  # every step, every sampled step, each of the 2 validations
+
+
+def test_alerts_and_scores_reach_tensorboard(tmp_path: Any, seed: int) -> None:
+    rules = {"loss_high": {"metric": "monitor.step/loss", "kind": "threshold", "above": 0.5, "action": "log",
+                           "check_on": ["step"], "message": "Lower the learning rate."}}
+    monitor = MetricMonitor(rules=rules, every_n_steps=5)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=20)
+    trainer.fit(Classifier(), make_loader(n=512))
+    acc = read_events(os.path.join(str(tmp_path), "tb", "version_0"))
+    assert "monitor.alert/loss_high/text_summary" in acc.Tags()["tensors"]  # add_text's tag
+    values = scalars(acc, "monitor.alert/loss_high/value")
+    assert list(values) == [4] and values[4] > 0.5
+    loss = scalars(acc, "monitor.rule/loss_high/score")
+    assert sorted(loss) == [4, 9, 14, 19] and all(v > 0.5 for v in loss.values())
+    (record,) = read_alerts(str(tmp_path))
+    assert record["message"].endswith("Lower the learning rate.")
+    assert float(trainer.callback_metrics["monitor.rule/loss_high/score"]) == pytest.approx(loss[19])
+
+
+def test_bad_constructor_arguments_say_what_and_where() -> None:
+    with pytest.raises(ValueError, match="rules must be a mapping"):
+        MetricMonitor(rules=["val/loss"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rule 'x': key 'kind'"):
+        MetricMonitor(rules={"x": {"metric": "m", "kind": "spikes"}})
+    with pytest.raises(ValueError, match="snapshots"):
+        MetricMonitor(snapshots=-1)
+    with pytest.raises(ValueError, match="lr_factor"):
+        MetricMonitor(lr_factor=0.0)
+    monitor = MetricMonitor(rules={"loss_spike": None}, defaults=True)
+    assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite"]
+
+
+def test_checkpoint_action_asks_metric_checkpoint_to_save(tmp_path: Any, seed: int) -> None:
+    import json
+
+    from lightwatch.callbacks import MetricCheckpoint
+
+    rules = {"thr": {"metric": "s/thr", "kind": "threshold", "above": 10.0, "action": "checkpoint"}}
+    ckpt = MetricCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=100)
+    monitor = MetricMonitor(rules=rules, defaults=False, every_n_steps=1)
+    trainer = make_trainer(tmp_path, [monitor, ckpt], max_steps=12, enable_checkpointing=True)
+    trainer.fit(Scripted({"s/thr": [1.0] * 7 + [15.0] + [1.0] * 4}), make_loader(n=12 * 16))
+    with open(ckpt.manifest_path) as fh:
+        saved = [(c["reason"], c["step"]) for c in json.load(fh)["checkpoints"]]
+    assert ("alert", 8) in saved  # saved at the end of the step whose check fired (global step 8)
