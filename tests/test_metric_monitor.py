@@ -70,7 +70,7 @@ def scripted_series(faults: bool, n: int = 45) -> Dict[str, List[Optional[float]
 
 
 def test_each_kind_fires_exactly_when_it_should_in_a_trainer(tmp_path: Any, seed: int) -> None:
-    monitor = MetricMonitor(rules=RULES, defaults=False, every_n_steps=1, alert_cooldown_steps=0)
+    monitor = MetricMonitor(rules=RULES, builtin_rules=False, every_n_steps=1, alert_cooldown_steps=0)
     trainer = make_trainer(tmp_path, [monitor], max_steps=45)
     trainer.fit(Scripted(scripted_series(faults=True)), make_loader(n=45 * 16))
     assert alert_steps(str(tmp_path), "thr") == [7, 20]
@@ -137,7 +137,7 @@ def test_each_value_is_read_once_at_its_check_point(tmp_path: Any, seed: int) ->
         "late_trend": {"metric": "late", "kind": "trend", "checks": 3, "action": "log"},
         "train_epoch_only": {"metric": "train/loss", "kind": "threshold", "above": 1e9, "check_on": ["epoch"]},
     }
-    monitor = MetricMonitor(rules=rules, defaults=False, every_n_steps=1)
+    monitor = MetricMonitor(rules=rules, builtin_rules=False, every_n_steps=1)
     trainer = make_trainer(tmp_path, [monitor], max_steps=-1, max_epochs=4, limit_train_batches=4,
                            limit_val_batches=2, num_sanity_val_steps=2)
     trainer.fit(EpochLogs(lr=0.0), make_loader(n=64), make_loader(n=32, seed=1))
@@ -170,7 +170,7 @@ def test_missing_metric_warns_once_naming_what_exists(tmp_path: Any, seed: int) 
 def test_warmup_and_cooldown_hold_in_a_trainer(tmp_path: Any, seed: int) -> None:
     rules = {"always": {"metric": "monitor.step/loss", "kind": "threshold", "above": -1.0, "action": "log",
                         "warmup": 10, "cooldown": 20, "check_on": ["step"]}}
-    monitor = MetricMonitor(rules=rules, defaults=False, every_n_steps=1, alert_cooldown_steps=0)
+    monitor = MetricMonitor(rules=rules, builtin_rules=False, every_n_steps=1, alert_cooldown_steps=0)
     trainer = make_trainer(tmp_path, [monitor], max_steps=60)
     trainer.fit(Classifier(), make_loader(n=1024))
     assert alert_steps(str(tmp_path), "always") == [10, 30, 50]
@@ -181,7 +181,7 @@ def test_requires_gate_in_a_trainer(tmp_path: Any, seed: int) -> None:
     rules = {"stuck": {"metric": "s/loss", "kind": "plateau", "patience": 2, "silent": True},
              "grad": {"metric": "monitor.step/grad_norm", "kind": "threshold", "above": 0.0, "requires": "stuck",
                       "action": "log", "check_on": ["step"]}}
-    monitor = MetricMonitor(rules=rules, defaults=False, every_n_steps=1, alert_cooldown_steps=0)
+    monitor = MetricMonitor(rules=rules, builtin_rules=False, every_n_steps=1, alert_cooldown_steps=0)
     trainer = make_trainer(tmp_path, [monitor], max_steps=10)
     loss = [3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
     trainer.fit(Scripted({"s/loss": loss}), make_loader(n=160))
@@ -229,7 +229,7 @@ def test_bad_constructor_arguments_say_what_and_where() -> None:
         MetricMonitor(snapshots=-1)
     with pytest.raises(ValueError, match="lr_factor"):
         MetricMonitor(lr_factor=0.0)
-    monitor = MetricMonitor(rules={"loss_spike": None}, defaults=True)
+    monitor = MetricMonitor(rules={"loss_spike": None}, builtin_rules=True)
     assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite"]
 
 
@@ -240,7 +240,7 @@ def test_checkpoint_action_asks_metric_checkpoint_to_save(tmp_path: Any, seed: i
 
     rules = {"thr": {"metric": "s/thr", "kind": "threshold", "above": 10.0, "action": "checkpoint"}}
     ckpt = MetricCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=100)
-    monitor = MetricMonitor(rules=rules, defaults=False, every_n_steps=1)
+    monitor = MetricMonitor(rules=rules, builtin_rules=False, every_n_steps=1)
     trainer = make_trainer(tmp_path, [monitor, ckpt], max_steps=12, enable_checkpointing=True)
     trainer.fit(Scripted({"s/thr": [1.0] * 7 + [15.0] + [1.0] * 4}), make_loader(n=12 * 16))
     with open(ckpt.manifest_path) as fh:

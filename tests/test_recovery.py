@@ -86,7 +86,7 @@ def test_skip_step_is_bit_identical_to_a_run_without_that_batch(tmp_path: Any, o
     data = make_batches(30)
     poisoned = list(data)
     poisoned[20] = (data[20][0] * 1e3, data[20][1])
-    monitor = MetricMonitor(rules=SPIKE_SKIP, defaults=False, every_n_steps=5)
+    monitor = MetricMonitor(rules=SPIKE_SKIP, builtin_rules=False, every_n_steps=5)
     skipped = make_trainer(tmp_path / "skip", [monitor], max_steps=30)
     skipped.fit(fresh_model(optimizer=optimizer), loader(poisoned))
     reference = make_trainer(tmp_path / "ref", [], max_steps=29)
@@ -102,7 +102,7 @@ def test_skip_step_with_gradient_accumulation_and_clipping(tmp_path: Any) -> Non
     poisoned = list(data)
     poisoned[21] = (data[21][0] * 1e3, data[21][1])  # second micro-batch of the 11th accumulation window
     kwargs = dict(accumulate_grad_batches=2, gradient_clip_val=0.5)
-    monitor = MetricMonitor(rules=SPIKE_SKIP, defaults=False, every_n_steps=5)
+    monitor = MetricMonitor(rules=SPIKE_SKIP, builtin_rules=False, every_n_steps=5)
     skipped = make_trainer(tmp_path / "skip", [monitor], max_steps=15, **kwargs)
     skipped.fit(fresh_model(optimizer="adam"), loader(poisoned))
     reference = make_trainer(tmp_path / "ref", [], max_steps=14, **kwargs)
@@ -120,7 +120,7 @@ def test_skip_step_under_amp_grad_scaler(tmp_path: Any) -> None:
     data = make_batches(30)
     poisoned = list(data)
     poisoned[20] = (data[20][0] * 30.0, (data[20][1] + 1) % 3)  # confidently wrong: a finite spike, no overflow
-    monitor = MetricMonitor(rules=SPIKE_SKIP, defaults=False, every_n_steps=5)
+    monitor = MetricMonitor(rules=SPIKE_SKIP, builtin_rules=False, every_n_steps=5)
     skipped = make_trainer(tmp_path / "skip", [monitor], max_steps=30, plugins=amp())
     skipped.fit(fresh_model(optimizer="adam"), loader(poisoned))
     reference = make_trainer(tmp_path / "ref", [], max_steps=29, plugins=amp())

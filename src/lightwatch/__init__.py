@@ -1,18 +1,47 @@
-"""lightwatch: PyTorch Lightning callbacks that watch a training run and act on what they see."""
-from lightwatch.callbacks import ActivationStatsMonitor, GradientStatsMonitor, MetricCheckpoint, MetricMonitor
-from lightwatch.core.actions import register_action
-from lightwatch.core.alerts import Alert, MonitorError, alert_log
+"""lightwatch: PyTorch Lightning callbacks that watch a training run and act on what they see.
+
+Names are imported on first use, so that merely importing ``lightwatch`` (as Hydra's plugin discovery does
+for every app once lightwatch is installed) does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ActivationStatsMonitor",
-    "Alert",
-    "GradientStatsMonitor",
-    "MetricCheckpoint",
-    "MetricMonitor",
-    "MonitorError",
-    "alert_log",
-    "register_action",
-    "__version__",
-]
+_EXPORTS: Dict[str, Tuple[str, str]] = {
+    "ActivationStatsMonitor": ("lightwatch.callbacks", "ActivationStatsMonitor"),
+    "DataQualityMonitor": ("lightwatch.callbacks", "DataQualityMonitor"),
+    "GradientStatsMonitor": ("lightwatch.callbacks", "GradientStatsMonitor"),
+    "MetricCheckpoint": ("lightwatch.callbacks", "MetricCheckpoint"),
+    "MetricMonitor": ("lightwatch.callbacks", "MetricMonitor"),
+    "Alert": ("lightwatch.core.alerts", "Alert"),
+    "MonitorError": ("lightwatch.core.alerts", "MonitorError"),
+    "alert_log": ("lightwatch.core.alerts", "alert_log"),
+    "register_action": ("lightwatch.core.actions", "register_action"),
+    "instantiate_monitors": ("lightwatch.hydra", "instantiate_monitors"),
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lightwatch.callbacks import (ActivationStatsMonitor, DataQualityMonitor, GradientStatsMonitor,
+                                      MetricCheckpoint, MetricMonitor)
+    from lightwatch.core.actions import register_action
+    from lightwatch.core.alerts import Alert, MonitorError, alert_log
+    from lightwatch.hydra import instantiate_monitors
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'lightwatch' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -65,7 +65,7 @@ def run(out: str, scenario: str) -> Dict[str, Any]:
         rules = {"nan": {"metric": "monitor.step/loss", "kind": "nonfinite", "action": "rollback",
                          "check_on": ["every_step"]}}
         model = OneRankFault(at=22, fault="nan")
-    monitor = MetricMonitor(rules=rules, defaults=False, every_n_steps=5)
+    monitor = MetricMonitor(rules=rules, builtin_rules=False, every_n_steps=5)
     probe = Probe(monitor)
     callbacks: List[pl.Callback] = [monitor, probe]
     if scenario == "checkpoint":

@@ -88,7 +88,7 @@ class MetricMonitor(MonitorCallback):
         rules: rule name -> settings. They are added to the default rules (see :func:`default_rules`); a rule
             of the same name replaces a default one, ``None`` removes it.
         every_n_steps: interval of ``step`` checks; ``None`` follows ``Trainer(log_every_n_steps)``.
-        defaults: include :func:`default_rules`.
+        builtin_rules: include the built-in rules (:func:`default_rules`).
         max_rollbacks: rollbacks allowed in one run; after that a ``rollback`` stops training.
         lr_factor: multiply the learning rate by this at each rollback (e.g. 0.5).
         snapshots: size of the in-memory snapshot ring used by ``rollback`` when no ``MetricCheckpoint`` is in
@@ -120,7 +120,7 @@ class MetricMonitor(MonitorCallback):
         self,
         rules: Optional[Mapping[str, Optional[Mapping[str, Any]]]] = None,
         every_n_steps: Optional[int] = None,
-        defaults: bool = True,
+        builtin_rules: bool = True,
         max_rollbacks: int = 3,
         lr_factor: float = 1.0,
         snapshots: Optional[int] = None,
@@ -137,7 +137,7 @@ class MetricMonitor(MonitorCallback):
         if not isinstance(user, Mapping):
             raise ValueError(f"{where}: rules must be a mapping of rule name to settings, e.g. "
                              f"{{'val_plateau': {{'metric': 'val/loss', 'kind': 'plateau'}}}}; got {type(user).__name__}.")
-        specs: Dict[str, Any] = dict(default_rules(prefix)) if defaults else {}
+        specs: Dict[str, Any] = dict(default_rules(prefix)) if builtin_rules else {}
         specs.update({str(k): v for k, v in user.items()})
         self.rules = RuleSet(specs, where=where, default_cooldown=self.cooldown.steps)
         if snapshots is not None and (isinstance(snapshots, bool) or int(snapshots) != snapshots or snapshots < 0):
@@ -440,7 +440,8 @@ class MetricMonitor(MonitorCallback):
         missing: Dict[str, List[str]] = {}
         for rule in self.rules.rules:
             for metric in rule.metrics:
-                if metric not in self._seen and metric not in self._warned:
+                # built-in metrics are made by this callback at its first step check: never a typo
+                if metric not in self._seen and metric not in self._warned and metric not in self._builtins:
                     missing.setdefault(metric, []).append(rule.name)
         if not missing:
             return
