@@ -166,6 +166,7 @@ class GradStatsConf:
     track_update_ratio: bool = True
     nonfinite_action: str = "warn"
     nonfinite_severity: Severity = Severity.error
+    diagnose: bool = True
     prefix: str = "monitor"
     alert_cooldown_steps: int = 100
 
@@ -185,6 +186,7 @@ class ActStatsConf:
     histogram_every_n_steps: Optional[int] = None
     nonfinite_action: str = "warn"
     nonfinite_severity: Severity = Severity.error
+    diagnose: bool = True
     prefix: str = "monitor"
     alert_cooldown_steps: int = 100
 

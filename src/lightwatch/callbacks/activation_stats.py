@@ -105,6 +105,9 @@ class ActivationStatsMonitor(MonitorCallback):
         histogram_every_n_steps: histogram interval; ``None`` = 10 sampling intervals, ``0`` = off.
         nonfinite_action: action for ``act_nonfinite``.
         nonfinite_severity: severity of ``act_nonfinite``.
+        diagnose: warn about ``act_dead`` (a rectifier with more than 60% dead units for 3 checks in a row;
+            healthy runs of the fault suite stay at or below 11%) and ``act_saturated`` (a bounded activation
+            with more than 50% of its outputs saturated for 2 checks; healthy at or below 10%).
         prefix: first part of every tag.
         alert_cooldown_steps: at most one record per alert rule and subject in this many steps.
 
@@ -126,11 +129,14 @@ class ActivationStatsMonitor(MonitorCallback):
         histogram_every_n_steps: Optional[int] = None,
         nonfinite_action: str = "warn",
         nonfinite_severity: str = "error",
+        diagnose: bool = True,
         prefix: str = "monitor",
         alert_cooldown_steps: int = 100,
     ) -> None:
         super().__init__(every_n_steps, histogram_every_n_steps, prefix, alert_cooldown_steps)
         where = "ActivationStatsMonitor"
+        self.diagnose = bool(diagnose)
+        self._streaks: Dict[str, Dict[str, int]] = {}
         if top_k is not None and (int(top_k) != top_k or top_k < 1):
             raise ValueError(f"{where}: top_k must be a positive integer or None, got {top_k!r}.")
         if int(sample_size) < 16:
@@ -364,6 +370,8 @@ class ActivationStatsMonitor(MonitorCallback):
                         values[base + j * width: base + (j + 1) * width])
             self.writer.write_histograms(trainer, hists, step)
 
+        if self.diagnose:
+            self._diagnose(trainer, pl_module, stats, order, step)
         if flagged:
             position = {name: order[i] for i, name in enumerate(self._names)}
             in_order = sorted(flagged, key=lambda name: position.get(name, 1 << 30))
@@ -376,6 +384,46 @@ class ActivationStatsMonitor(MonitorCallback):
                          f"{' ...' if len(in_order) > 5 else ''}). Check its weights and its input: a NaN "
                          f"weight, an overflow, or a log/sqrt/div of a bad value there."),
             )
+
+    # ----------------------------------------------------------------------------- diagnoses
+    def _diagnose(self, trainer: Any, pl_module: Any, stats: List[Tuple[str, Dict[str, float]]], order: List[int],
+                  step: int) -> None:
+        """Dead rectifier units or saturated bounded activations that persist over consecutive checks."""
+        position = {name: order[i] for i, name in enumerate(self._names)}
+        for stat, rule, bound, checks, what, fix in (
+            ("dead_frac", "act_dead", 0.6, 3, "of its units output zero for every sample",
+             "a learning rate too high, a large negative bias, or poor init; try a lower learning rate, "
+             "LeakyReLU/GELU, or normalisation"),
+            ("saturation", "act_saturated", 0.5, 2, "of its outputs sit at the bounds of the activation",
+             "inputs to the activation are too large (weights too large, inputs not normalised); rescale the "
+             "init or inputs, or add normalisation before it"),
+        ):
+            over = [(name, row[stat]) for name, row in stats if row.get(stat, 0.0) > bound]
+            streaks = self._streaks.setdefault(rule, {})
+            for name in [n for n in streaks if n not in {o for o, _ in over}]:
+                del streaks[name]
+            hits = []
+            for name, value in over:
+                streaks[name] = streaks.get(name, 0) + 1
+                if streaks[name] == checks:
+                    hits.append((name, value))
+            if hits:
+                name, value = min(hits, key=lambda h: position.get(h[0], 1 << 30))
+                self.raise_alert(
+                    trainer, pl_module, rule=rule, severity="warning", subject=name, value=value, threshold=bound,
+                    step=step,
+                    message=(f"module '{name}': {100 * value:.0f}% {what}, for {checks} checks in a row "
+                             f"({len(hits)} module(s) affected; the first in forward order is named). Likely: {fix}."))
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["streaks"] = {rule: dict(v) for rule, v in self._streaks.items()}
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._streaks = {str(r): {str(n): int(c) for n, c in v.items()}
+                         for r, v in dict(state_dict.get("streaks", {})).items()}
 
     # ------------------------------------------------------------------------------------ end
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -18,6 +18,7 @@ from lightwatch.core.selection import Selection, top_k_subjects
 __all__ = ["GradientStatsMonitor"]
 
 _GROUPINGS = ("parameter", "module")
+_WEIGHT_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 
 
 def _norms(tensors: List[torch.Tensor], order: float = 2.0) -> torch.Tensor:
@@ -49,6 +50,16 @@ class GradientStatsMonitor(MonitorCallback):
     FSDP each rank sums its shard and one SUM plus one MAX all-reduce of a flat buffer gives exact norms.
     A non-finite gradient raises the alert ``grad_nonfinite`` naming the parameters.
 
+    Diagnoses (``diagnose=True``), with thresholds set from the fault suite in ``bench/faults`` (healthy
+    range in brackets): at fit start, ``init_zero`` / ``init_large`` when a Linear/Conv weight's variance
+    times its fan-in is below 1e-6 or above 20 (default inits give 0.33-2), and ``frozen_parameters``
+    (info); in the first three steps, ``grad_stale`` when gradients are non-zero before backward at the start
+    of an accumulation window (a forgotten ``zero_grad``; error); at the first sampled step,
+    ``grad_missing`` (info) for trainable parameters without a gradient, ``update_ratio_high`` when a weight
+    moves more than 10% in one step ([0.013, 0.058]; warning), ``update_ratio_low`` below 0.3% (info:
+    fine-tuning legitimately moves weights slowly; warning below 0.01%, where nothing learns), and at any sampled step ``grad_vanishing`` when the first
+    weight layer's gradient norm is below 1e-3 of the last one's ([0.05, 21]; warning).
+
     Args:
         every_n_steps: sampling interval; ``None`` follows ``Trainer(log_every_n_steps)``.
         include: regexes on parameter names to watch (``None``: all trainable parameters).
@@ -63,6 +74,7 @@ class GradientStatsMonitor(MonitorCallback):
             between ``on_before_optimizer_step`` and ``on_train_batch_end`` of sampled steps only).
         nonfinite_action: action for ``grad_nonfinite`` (``log``, ``warn``, ``stop``, ``raise``, ...).
         nonfinite_severity: severity of ``grad_nonfinite``.
+        diagnose: run the fault diagnoses (see "Diagnoses" above).
         prefix: first part of every tag.
         alert_cooldown_steps: at most one record per alert rule and subject in this many steps.
 
@@ -86,6 +98,7 @@ class GradientStatsMonitor(MonitorCallback):
         track_update_ratio: bool = True,
         nonfinite_action: str = "warn",
         nonfinite_severity: str = "error",
+        diagnose: bool = True,
         prefix: str = "monitor",
         alert_cooldown_steps: int = 100,
     ) -> None:
@@ -112,6 +125,10 @@ class GradientStatsMonitor(MonitorCallback):
         self._grad_stats: Optional[torch.Tensor] = None
         self._grad_hist: Optional[torch.Tensor] = None
         self._before: Optional[List[torch.Tensor]] = None
+        self.diagnose = bool(diagnose)
+        self._weight_layers: List[int] = []
+        self._checks_done = 0
+        self._stale_checks_left = 3
         self._counts_on_device = False
         self._index_cache: Optional[Tuple[Tuple[int, ...], torch.Tensor]] = None
         self._readback: HostReadback = HostReadback()
@@ -132,6 +149,11 @@ class GradientStatsMonitor(MonitorCallback):
             self._groups = list(groups.items())
         else:
             self._groups = [(n, [i]) for i, n in enumerate(self._names)]
+        owners = {f"{m}.{p}" if m else p: mod for m, mod in pl_module.named_modules()
+                  for p, _ in mod.named_parameters(recurse=False)}
+        # weights of Linear/Conv layers in registration order: the layers the diagnoses compare
+        self._weight_layers = [i for i, n in enumerate(self._names)
+                               if n.endswith("weight") and isinstance(owners.get(n), _WEIGHT_LAYERS)]
         self._sharded = is_sharded_strategy(trainer)
         self._counts_on_device = bool(self._params) and self._params[0].device.type == "cuda"
         self._ring = None
@@ -305,6 +327,8 @@ class GradientStatsMonitor(MonitorCallback):
                     hists[self.writer.tag(family, name)] = decode_histogram_row(row)
             self.writer.write_histograms(trainer, hists, step)
 
+        if self.diagnose:
+            self._diagnose_step(trainer, pl_module, step, present, grad_sq, before_sq, delta_sq)
         if flagged:
             names = ", ".join(flagged[:10]) + (" ..." if len(flagged) > 10 else "")
             total_bad = sum(s["grad.nonfinite"] for n_, s in subjects if n_ in flagged)
@@ -315,6 +339,91 @@ class GradientStatsMonitor(MonitorCallback):
                          f"learning rate too high, a log/div of zero in the loss, or NaN in the batch; check the "
                          f"first layer named and the data."),
             )
+
+    # ----------------------------------------------------------------------------- diagnoses
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.diagnose or int(getattr(trainer, "global_step", 0)) > 0:  # resumed: weights are trained
+            return
+        frozen = [n for n, p in pl_module.named_parameters() if not p.requires_grad]
+        if frozen:
+            total = sum(1 for _ in pl_module.parameters())
+            self.raise_alert(
+                trainer, pl_module, rule="frozen_parameters", severity="info", subject=frozen[0],
+                value=float(len(frozen)),
+                message=(f"{len(frozen)} of {total} parameter tensors do not require grad ({', '.join(frozen[:5])}"
+                         f"{' ...' if len(frozen) > 5 else ''}); fine when freezing on purpose, a bug otherwise."))
+        for i in self._weight_layers:
+            w = self._params[i].detach()
+            fan_in = w[0].numel() if w.dim() > 1 else 1
+            scaled = float(w.float().var()) * fan_in if w.numel() > 1 else 1.0
+            if scaled < 1e-6 or scaled > 20.0:
+                rule = "init_zero" if scaled < 1e-6 else "init_large"
+                self.raise_alert(
+                    trainer, pl_module, rule=rule, severity="warning", subject=self._names[i], value=scaled,
+                    threshold=1e-6 if rule == "init_zero" else 20.0,
+                    message=(f"'{self._names[i]}' starts with weight variance x fan-in = {scaled:.3g} (default inits "
+                             f"give 0.33-2): weights initialised "
+                             f"{'to zero, so units stay identical' if rule == 'init_zero' else 'far too large'}; "
+                             f"use the layer's default or a He/Xavier init."))
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+        # A static check of the first steps only: gradients left over from the previous step mean zero_grad
+        # is never called. Inside an accumulation window they are expected, so only a window's start counts.
+        if not self.diagnose or self._stale_checks_left <= 0 or not getattr(pl_module, "automatic_optimization",
+                                                                            True):
+            return
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        if trainer.fit_loop.epoch_loop.batch_progress.current.ready % accumulate != 1 % accumulate:
+            return
+        self._stale_checks_left -= 1
+        if int(getattr(trainer, "global_step", 0)) == 0:
+            return
+        stale = [n for n, p in zip(self._names, self._params) if p.grad is not None and bool(p.grad.any())]
+        if stale:
+            self._stale_checks_left = 0
+            self.raise_alert(
+                trainer, pl_module, rule="grad_stale", severity="error", subject=stale[0], value=float(len(stale)),
+                message=(f"gradients of {len(stale)} parameter(s) ({', '.join(stale[:3])}) are non-zero before "
+                         f"backward at the start of step {trainer.global_step}: they accumulate across steps. "
+                         f"zero_grad is not called (check an overridden optimizer_zero_grad or manual loop)."))
+
+    def _diagnose_step(self, trainer: Any, pl_module: Any, step: int, present: List[float], grad_sq: List[float],
+                       before_sq: List[float], delta_sq: List[float]) -> None:
+        self._checks_done += 1
+        layers = [i for i in self._weight_layers if present[i]]
+        if self._checks_done == 1:
+            missing = [n for n, p in zip(self._names, present) if not p]
+            if missing:
+                self.raise_alert(
+                    trainer, pl_module, rule="grad_missing", severity="info", subject=missing[0], step=step,
+                    value=float(len(missing)),
+                    message=(f"{len(missing)} trainable parameter(s) got no gradient ({', '.join(missing[:5])}): "
+                             f"unused in the loss, or detached; fine for unused heads, a bug otherwise."))
+            ratios = [(math.sqrt(delta_sq[i] / before_sq[i]), i) for i in layers
+                      if self.track_update_ratio and before_sq[i] > 0 and math.isfinite(delta_sq[i])]
+            if ratios:
+                ratio, i = max(ratios)
+                if ratio > 0.1 or ratio < 3e-3:
+                    high = ratio > 0.1
+                    # below 1e-4 nothing learns, fine-tuning included (Adam at lr 1e-5 moves ~5e-4 a step)
+                    severity = "warning" if high or ratio < 1e-4 else "info"
+                    self.raise_alert(
+                        trainer, pl_module, rule="update_ratio_high" if high else "update_ratio_low",
+                        severity=severity, subject=self._names[i], value=ratio,
+                        threshold=0.1 if high else (1e-4 if severity == "warning" else 3e-3), step=step,
+                        message=(f"one optimizer step changes '{self._names[i]}' by {100 * ratio:.3g}% of its norm "
+                                 f"(healthy 1-6% early in training): the learning rate is likely far too "
+                                 f"{'high; lower it about 10x' if high else 'low, unless this is fine-tuning'}."))
+        if len(layers) >= 2:
+            first, last = grad_sq[layers[0]], grad_sq[layers[-1]]
+            if last > 0 and math.isfinite(first) and math.sqrt(first / last) < 1e-3:
+                self.raise_alert(
+                    trainer, pl_module, rule="grad_vanishing", severity="warning", subject=self._names[layers[0]],
+                    value=math.sqrt(first / last), threshold=1e-3, step=step,
+                    message=(f"the gradient of the first layer '{self._names[layers[0]]}' is "
+                             f"{math.sqrt(first / last):.2g} of the last layer's: gradients vanish through depth "
+                             f"(saturating activations without normalisation); use ReLU-family activations, "
+                             f"normalisation layers or residual connections."))
 
     # ------------------------------------------------------------------------------------ end
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -1,0 +1,89 @@
+"""The fault diagnoses of the statistics monitors, each on a planted fault, and silence on a healthy run."""
+from __future__ import annotations
+
+from typing import Any, List
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import Classifier, make_loader, make_trainer, read_alerts
+from lightwatch import ActivationStatsMonitor, GradientStatsMonitor
+
+
+def alerts_of(tmp_path: Any, model: pl.LightningModule, max_steps: int = 20, every: int = 5,
+              **trainer_kwargs: Any) -> List[dict]:
+    monitors = [GradientStatsMonitor(every_n_steps=every), ActivationStatsMonitor(every_n_steps=every)]
+    trainer = make_trainer(tmp_path, monitors, max_steps=max_steps, log_every_n_steps=every, **trainer_kwargs)
+    trainer.fit(model, make_loader(n=256, seed=1))
+    return read_alerts(str(tmp_path))
+
+
+def rules(alerts: List[dict], severity: str = "warning") -> List[str]:
+    order = ["info", "warning", "error", "critical"]
+    return [a["rule"] for a in alerts if order.index(a["severity"]) >= order.index(severity)]
+
+
+def test_healthy_run_raises_no_warning(tmp_path: Any, seed: int) -> None:
+    assert rules(alerts_of(tmp_path, Classifier(lr=0.05), max_steps=40)) == []
+
+
+@pytest.mark.parametrize("scale, rule", [(0.0, "init_zero"), (30.0, "init_large")])
+def test_initialisation_scale(tmp_path: Any, seed: int, scale: float, rule: str) -> None:
+    model = Classifier()
+    with torch.no_grad():
+        model.net[0].weight.mul_(scale)
+    alert = next(a for a in alerts_of(tmp_path, model, max_steps=1) if a["rule"] == rule)
+    assert alert["subject"] == "net.0.weight" and alert["step"] == 0 and alert["severity"] == "warning"
+
+
+def test_learning_rate_far_too_high(tmp_path: Any, seed: int) -> None:
+    alert = next(a for a in alerts_of(tmp_path, Classifier(lr=20.0), max_steps=5) if a["rule"] == "update_ratio_high")
+    assert alert["step"] == 4 and alert["value"] > 0.1
+
+
+def test_vanishing_gradient_names_the_first_layer(tmp_path: Any, seed: int) -> None:
+    model = Classifier(depth=3)
+    model.net[0].weight.register_hook(lambda g: g * 1e-6)  # as if through many saturating layers
+    alert = next(a for a in alerts_of(tmp_path, model, max_steps=5) if a["rule"] == "grad_vanishing")
+    assert alert["subject"] == "net.0.weight" and alert["value"] < 1e-3
+
+
+def test_forgotten_zero_grad(tmp_path: Any, seed: int) -> None:
+    class NoZeroGrad(Classifier):
+        def optimizer_zero_grad(self, *args: Any, **kwargs: Any) -> None:
+            pass  # the bug: gradients accumulate across steps
+
+    alert = next(a for a in alerts_of(tmp_path, NoZeroGrad(), max_steps=5) if a["rule"] == "grad_stale")
+    assert alert["severity"] == "error" and alert["step"] == 1
+
+
+def test_gradient_accumulation_is_not_a_forgotten_zero_grad(tmp_path: Any, seed: int) -> None:
+    assert "grad_stale" not in rules(alerts_of(tmp_path, Classifier(), max_steps=10, accumulate_grad_batches=3))
+
+
+def test_frozen_and_unused_parameters_are_reported_at_info(tmp_path: Any, seed: int) -> None:
+    model = Classifier(depth=2)
+    model.net[0].weight.requires_grad_(False)
+    model.unused = torch.nn.Linear(2, 2)
+    got = {a["rule"]: a for a in alerts_of(tmp_path, model, max_steps=5)}
+    assert got["frozen_parameters"]["severity"] == "info" and got["frozen_parameters"]["subject"] == "net.0.weight"
+    assert got["grad_missing"]["severity"] == "info" and got["grad_missing"]["subject"] == "unused.weight"
+
+
+def test_dead_units_must_persist(tmp_path: Any, seed: int) -> None:
+    model = Classifier(depth=2, hidden=16)
+    with torch.no_grad():
+        model.net[2].weight[:14] = 0.0
+        model.net[2].bias[:14] = -10.0
+    alerts = alerts_of(tmp_path, model, max_steps=20)
+    dead = [a for a in alerts if a["rule"] == "act_dead"]
+    assert len(dead) == 1 and dead[0]["subject"] == "net.3" and dead[0]["step"] == 14  # third check in a row
+
+
+def test_saturated_activations(tmp_path: Any, seed: int) -> None:
+    model = Classifier(depth=1, hidden=16, activation="tanh")
+    with torch.no_grad():
+        model.net[0].weight.mul_(100.0)
+    alert = next(a for a in alerts_of(tmp_path, model, max_steps=10) if a["rule"] == "act_saturated")
+    assert alert["subject"] == "net.1" and alert["step"] == 9
