@@ -57,8 +57,9 @@ class GradientStatsMonitor(MonitorCallback):
     of an accumulation window (a forgotten ``zero_grad``; error); at the first sampled step,
     ``grad_missing`` (info) for trainable parameters without a gradient, ``update_ratio_high`` when a weight
     moves more than 10% in one step ([0.013, 0.058]; warning), ``update_ratio_low`` below 0.3% (info:
-    fine-tuning legitimately moves weights slowly; warning below 0.01%, where nothing learns), and at any sampled step ``grad_vanishing`` when the first
-    weight layer's gradient norm is below 1e-3 of the last one's ([0.05, 21]; warning).
+    fine-tuning legitimately moves weights slowly; warning below 0.01%, where nothing learns), and at any
+    sampled step ``grad_vanishing`` when the first weight layer's gradient norm is below 1e-3 of the last
+    one's ([0.05, 21]; warning).
 
     Args:
         every_n_steps: sampling interval; ``None`` follows ``Trainer(log_every_n_steps)``.
