@@ -32,7 +32,7 @@ class GradientRecorder(pl.Callback):
 
 def test_values_match_independent_computation(tmp_path: Any, seed: int) -> None:
     recorder = GradientRecorder()
-    monitor = GradientStatsMonitor(histogram_every_n_steps=10)
+    monitor = GradientStatsMonitor(histogram_every_n_steps=10, norm_every_step=True)
     trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=20, log_every_n_steps=5)
     trainer.fit(Classifier(), make_loader())
     acc = read_events(trainer.log_dir)
@@ -65,6 +65,13 @@ def test_values_match_independent_computation(tmp_path: Any, seed: int) -> None:
     assert "monitor.grad/_total/norm" in trainer.callback_metrics
 
 
+def test_per_step_norm_is_off_by_default_on_the_cpu(tmp_path: Any, seed: int) -> None:
+    trainer = make_trainer(tmp_path, [GradientStatsMonitor()], max_steps=5, log_every_n_steps=5)
+    trainer.fit(Classifier(), make_loader())
+    tags = read_events(trainer.log_dir).Tags()["scalars"]
+    assert "monitor.grad/_total/norm" in tags and "monitor.grad/_total/norm_max" not in tags
+
+
 def test_norm_max_catches_a_spike_between_samples(tmp_path: Any, seed: int) -> None:
     class SpikeAtStep(pl.Callback):
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -73,7 +80,7 @@ def test_norm_max_catches_a_spike_between_samples(tmp_path: Any, seed: int) -> N
                     p.grad.mul_(1000.0)
 
     recorder = GradientRecorder()
-    monitor = GradientStatsMonitor(track_update_ratio=False)
+    monitor = GradientStatsMonitor(track_update_ratio=False, norm_every_step=True)
     trainer = make_trainer(tmp_path, [SpikeAtStep(), recorder, monitor], max_steps=10, log_every_n_steps=5)
     trainer.fit(Classifier(lr=1e-4), make_loader())
     acc = read_events(trainer.log_dir)
@@ -88,7 +95,7 @@ def test_nonfinite_gradient_names_its_parameter(tmp_path: Any, seed: int) -> Non
             if trainer.fit_loop.epoch_loop._batches_that_stepped == 9:
                 pl_module.net[2].weight.grad[0, :3] = float("nan")
 
-    monitor = GradientStatsMonitor(nonfinite_action="log")
+    monitor = GradientStatsMonitor(nonfinite_action="log", norm_every_step=True)
     trainer = make_trainer(tmp_path, [PoisonGrad(), monitor], max_steps=10, log_every_n_steps=5)
     trainer.fit(Classifier(), make_loader())
     alerts = [a for a in read_alerts(str(tmp_path)) if a["rule"] == "grad_nonfinite"]

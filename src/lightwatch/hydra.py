@@ -162,7 +162,7 @@ class GradStatsConf:
     group_by: GroupBy = GroupBy.parameter
     top_k: Optional[int] = None
     histogram_every_n_steps: Optional[int] = None
-    norm_every_step: bool = True
+    norm_every_step: Optional[bool] = None
     track_update_ratio: bool = True
     nonfinite_action: str = "warn"
     nonfinite_severity: Severity = Severity.error

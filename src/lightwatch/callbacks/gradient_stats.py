@@ -45,7 +45,8 @@ class GradientStatsMonitor(MonitorCallback):
     - histograms ``monitor.grad_hist/<name>`` and ``monitor.param_hist/<name>`` every
       ``histogram_every_n_steps``.
 
-    Other steps cost one fused norm of all gradients on the device (``norm_every_step``), no host sync, no
+    Other steps cost one fused norm of all gradients on the device (``norm_every_step``; by default only when
+    the gradients live on an accelerator, see below), no host sync, no
     collective and no write. Under DDP the gradients are already reduced, so no collective is made; under
     FSDP each rank sums its shard and one SUM plus one MAX all-reduce of a flat buffer gives exact norms.
     A non-finite gradient raises the alert ``grad_nonfinite`` naming the parameters.
@@ -70,7 +71,10 @@ class GradientStatsMonitor(MonitorCallback):
         top_k: write only the ``k`` subjects with the largest gradient norm each sampled step (non-finite
             ones always), so a 1,000-layer model does not write 10,000 series; ``None`` writes all.
         histogram_every_n_steps: histogram interval; ``None`` = 10 sampling intervals, ``0`` = off.
-        norm_every_step: keep the global gradient norm on the device every step for ``norm_max``.
+        norm_every_step: keep the global gradient norm on the device every step for ``norm_max``. ``None``
+            (default): on when the gradients live on an accelerator, where one more read of them is a small
+            fraction of a step; off on the CPU, where it is a full memory pass over the gradients (measured
+            +7% of the step on the deep-MLP benchmark).
         track_update_ratio: measure ‖Δw‖/‖w‖ on sampled steps (keeps a copy of the selected parameters
             between ``on_before_optimizer_step`` and ``on_train_batch_end`` of sampled steps only).
         nonfinite_action: action for ``grad_nonfinite`` (``log``, ``warn``, ``stop``, ``raise``, ...).
@@ -95,7 +99,7 @@ class GradientStatsMonitor(MonitorCallback):
         group_by: str = "parameter",
         top_k: Optional[int] = None,
         histogram_every_n_steps: Optional[int] = None,
-        norm_every_step: bool = True,
+        norm_every_step: Optional[bool] = None,
         track_update_ratio: bool = True,
         nonfinite_action: str = "warn",
         nonfinite_severity: str = "error",
@@ -112,7 +116,7 @@ class GradientStatsMonitor(MonitorCallback):
         self.selection = Selection(include, exclude, module_types, where=where)
         self.group_by = group_by
         self.top_k = None if top_k is None else int(top_k)
-        self.norm_every_step = bool(norm_every_step)
+        self.norm_every_step = norm_every_step
         self.track_update_ratio = bool(track_update_ratio)
         self.nonfinite_action = self.check_action(nonfinite_action, f"{where}(nonfinite_action=...)")
         self.nonfinite_severity = check_severity(nonfinite_severity, f"{where}(nonfinite_severity=...)")
@@ -127,6 +131,7 @@ class GradientStatsMonitor(MonitorCallback):
         self._grad_hist: Optional[torch.Tensor] = None
         self._before: Optional[List[torch.Tensor]] = None
         self.diagnose = bool(diagnose)
+        self._norm_every_step = bool(norm_every_step)
         self._weight_layers: List[int] = []
         self._checks_done = 0
         self._stale_checks_left = 3
@@ -156,6 +161,8 @@ class GradientStatsMonitor(MonitorCallback):
         self._weight_layers = [i for i, n in enumerate(self._names)
                                if n.endswith("weight") and isinstance(owners.get(n), _WEIGHT_LAYERS)]
         self._sharded = is_sharded_strategy(trainer)
+        on_accelerator = bool(self._params) and self._params[0].device.type != "cpu"
+        self._norm_every_step = on_accelerator if self.norm_every_step is None else bool(self.norm_every_step)
         self._counts_on_device = bool(self._params) and self._params[0].device.type == "cuda"
         self._ring = None
 
@@ -165,7 +172,7 @@ class GradientStatsMonitor(MonitorCallback):
         step = logging_step(trainer)
         if self._stats_step == step:  # several optimizers in one step: the gradients were read already
             return
-        if self.norm_every_step:
+        if self._norm_every_step:
             grads = [local_tensor(p.grad) for p in self._all_params if p.grad is not None]
             if grads:
                 if self._ring is None:
@@ -300,7 +307,7 @@ class GradientStatsMonitor(MonitorCallback):
         scalars: Dict[str, float] = {}
         total_sq = sum(grad_sq[i] for i in range(n) if present[i])
         scalars[self.writer.tag("grad", "_total", "norm")] = math.sqrt(total_sq)
-        if self.norm_every_step and self._ring is not None:
+        if self._norm_every_step and self._ring is not None:
             filled = [v for v in ring if v != 0.0]
             scalars[self.writer.tag("grad", "_total", "norm_max")] = (
                 math.sqrt(max(filled, key=lambda v: float("inf") if v != v else v)) if filled else 0.0)
