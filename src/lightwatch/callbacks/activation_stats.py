@@ -158,6 +158,8 @@ class ActivationStatsMonitor(MonitorCallback):
         self._rectifier: List[bool] = []
         self._counts: List[List[float]] = []
         self._units: Optional[List[int]] = None
+        self._with_units: List[int] = []
+        self._segment_ids: Optional[torch.Tensor] = None
         self._hist_mask: List[bool] = []
         self._calls = 0
         self._skipped: Dict[str, str] = {}
@@ -272,15 +274,16 @@ class ActivationStatsMonitor(MonitorCallback):
         assert self._sum is not None and self._max is not None
         device = self._sum.device
         units = self._agreed_units(device)
-        alive = [self._fit(a, u, device) for a, u in zip(self._alive, units)]
+        alive = [self._fit(self._alive[i], units[i], device) for i in self._with_units]
         # host counts travel with the device sums: pinned and non-blocking, so the copy never stalls
         counts = torch.tensor(self._counts, pin_memory=device.type == "cuda").to(device, non_blocking=True)
         sum_part = torch.cat([self._sum.reshape(-1), counts.reshape(-1)])
         max_part = torch.cat([self._max.reshape(-1)] + alive)
         all_reduce_flat(sum_part, max_part)  # a no-op on one process
-        # units alive on any rank, counted after the MAX
-        alive_counts = torch.stack([chunk.sum() for chunk in max_part[self._max.numel():].split(units)]) \
-            if units else torch.zeros(0, device=device)
+        # units alive on any rank, counted after the MAX: one segment sum over the modules that have units
+        flags = max_part[self._max.numel():]
+        alive_counts = torch.zeros(len(self._with_units), device=device).index_add_(
+            0, self._segments(device), flags) if self._with_units else flags
         parts = [sum_part, max_part[: self._max.numel()], alive_counts]
         self._hist_mask = [h is not None for h in self._hist]
         hist_rows = [h for h in self._hist if h is not None]
@@ -303,7 +306,16 @@ class ActivationStatsMonitor(MonitorCallback):
             local = torch.tensor([float(a.numel()) if a is not None else 0.0 for a in self._alive], device=device)
             all_reduce_flat(None, local)
             self._units = [int(u) for u in local.tolist()]
+            self._with_units = [i for i, u in enumerate(self._units) if u > 0]
+            self._segment_ids = None
         return self._units
+
+    def _segments(self, device: torch.device) -> torch.Tensor:
+        """For each per-unit flag, the index of its module among those with units (cached)."""
+        if self._segment_ids is None or self._segment_ids.device != device:
+            ids = [j for j, i in enumerate(self._with_units) for _ in range(self._units[i])]  # type: ignore[index]
+            self._segment_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._segment_ids
 
     @staticmethod
     def _fit(alive: Optional[torch.Tensor], units: int, device: torch.device) -> torch.Tensor:
@@ -328,8 +340,11 @@ class ActivationStatsMonitor(MonitorCallback):
         base += m * _COUNT_WIDTH
         maxes = [values[base + i * _MAX_WIDTH: base + (i + 1) * _MAX_WIDTH] for i in range(m)]
         base += m * _MAX_WIDTH
-        alive_counts = values[base: base + m]
-        base += m
+        k = len(self._with_units)
+        alive_counts = [0.0] * m
+        for j, i in enumerate(self._with_units):
+            alive_counts[i] = values[base + j]
+        base += k
 
         stats: List[Tuple[str, Dict[str, float]]] = []
         for i, name in enumerate(self._names):
