@@ -149,6 +149,8 @@ class ActivationStatsMonitor(MonitorCallback):
         self._names: List[str] = []
         self._handles: List[Any] = []
         self._active = False
+        self._rows: Optional[torch.Tensor] = None
+        self._zero: Optional[torch.Tensor] = None
         self._sum: Optional[torch.Tensor] = None
         self._max: Optional[torch.Tensor] = None
         self._alive: List[Optional[torch.Tensor]] = []
@@ -203,18 +205,20 @@ class ActivationStatsMonitor(MonitorCallback):
         return hook
 
     # ------------------------------------------------------------------------------- hot path
-    def _buffers(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self._sum is None or self._sum.device != device:
-            m = len(self._names)
-            self._sum = torch.zeros(m, _SUM_WIDTH, device=device, dtype=torch.float32)
-            self._max = torch.full((m, _MAX_WIDTH), -float("inf"), device=device, dtype=torch.float32)
-        return self._sum, self._max
+    def _buffers(self, device: torch.device) -> torch.Tensor:
+        """One preallocated row per module: the SUM columns, then the MAX columns (views ``_sum``, ``_max``)."""
+        if self._rows is None or self._rows.device != device:
+            self._rows = torch.zeros(len(self._names), _SUM_WIDTH + _MAX_WIDTH, device=device, dtype=torch.float32)
+            self._sum, self._max = self._rows[:, :_SUM_WIDTH], self._rows[:, _SUM_WIDTH:]
+            self._max.fill_(-float("inf"))
+            self._zero = torch.zeros((), device=device)
+        return self._rows
 
     def _record(self, i: int, y: torch.Tensor, saturation: Any, channel_first: bool) -> None:
         n = y.numel()
         if n == 0:
             return
-        sums, maxes = self._buffers(y.device)
+        rows = self._buffers(y.device)
         if self._order[i] < 0:
             self._order[i] = self._calls
             self._calls += 1
@@ -224,11 +228,16 @@ class ActivationStatsMonitor(MonitorCallback):
         lo, hi = torch.aminmax(y)
         sample = strided_sample(y, self.sample_size)
         nonzero = torch.count_nonzero(sample)
-        saturated = saturation(sample).sum() if saturation is not None else nonzero.new_zeros(())
-        sums[i] += torch.stack([total, norm.square(), nonzero.float(), saturated.float()])
+        saturated = saturation(sample).sum() if saturation is not None else self._zero
         # -min and max reduce with MAX across ranks; NaN propagates, so non-finite outputs stay visible.
-        torch.maximum(maxes[i], torch.stack([-lo, hi]).float(), out=maxes[i])
+        values = [total, norm.square(), nonzero, saturated, lo.neg(), hi]
         counts = self._counts[i]
+        if counts[_C_CALLS] == 0:  # the usual case: one call per step, written in place with one op
+            torch.stack(values, out=rows[i])
+        else:  # a module called again in the same step (shared layer, accumulation): accumulate
+            row = torch.stack(values).float()
+            self._sum[i] += row[:_SUM_WIDTH]
+            torch.maximum(self._max[i], row[_SUM_WIDTH:], out=self._max[i])
         counts[_C_N] += n
         counts[_C_SAMPLE] += sample.numel()
         counts[_C_CALLS] += 1
