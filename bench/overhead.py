@@ -7,6 +7,11 @@ ratio of mean times of the steps that were not sampled.
 
     OMP_NUM_THREADS=1 python bench/overhead.py                      # all workloads, intervals 1, 10, 50
     OMP_NUM_THREADS=1 python bench/overhead.py --workloads mlp --rounds 5 --intervals 50
+    python bench/overhead.py --accelerator gpu --rounds 3                  # on one GPU
+
+On a GPU the step times are host times at ``on_train_batch_start`` and the device is synchronised at the end
+of each run, so the amortized ratio is exact; the per-step split (unsampled, sampled extra) shows where the
+host waits.
 """
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ class StepTimer(pl.Callback):
         self.starts.append(time.perf_counter())
 
     def on_train_end(self, *args: Any) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the queued work belongs to the measured steps
         self.starts.append(time.perf_counter())
 
     def step_times(self) -> List[float]:
@@ -59,12 +66,13 @@ def monitors(interval: Optional[int], histograms: bool) -> List[pl.Callback]:
             ActivationStatsMonitor(every_n_steps=interval, histogram_every_n_steps=hist)]
 
 
-def run_once(workload: str, interval: Optional[int], steps: int, histograms: bool, log_dir: str) -> List[float]:
+def run_once(workload: str, interval: Optional[int], steps: int, histograms: bool, log_dir: str,
+             accelerator: str = "cpu") -> List[float]:
     factory, loader = make(workload, steps)
     pl.seed_everything(0, verbose=False)
     timer = StepTimer()
     trainer = pl.Trainer(
-        max_steps=steps, log_every_n_steps=50, accelerator="cpu", devices=1, callbacks=[timer] + monitors(
+        max_steps=steps, log_every_n_steps=50, accelerator=accelerator, devices=1, callbacks=[timer] + monitors(
             interval, histograms), enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         logger=pl.loggers.TensorBoardLogger(log_dir, name=workload), limit_val_batches=0,
     )
@@ -86,11 +94,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--histograms", action="store_true", help="also write histograms (every 10 intervals)")
     ap.add_argument("--log-dir", default="/tmp/lightwatch-bench")
+    ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     args = ap.parse_args()
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}, torch {torch.__version__}, pytorch_lightning {pl.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, accelerator {args.accelerator}"
+          + (f" ({torch.cuda.get_device_name()})" if args.accelerator == "gpu" else ""))
     measured = args.periods * 50
     steps = args.warmup + measured
     print(f"{args.rounds} rounds, {measured} measured steps per run after {args.warmup} warm-up steps\n")
@@ -100,13 +110,13 @@ def main() -> None:
     for workload in args.workloads:
         variants: List[Optional[int]] = [None] + list(args.intervals)
         for v in variants:  # warm-up of every variant
-            run_once(workload, v, args.warmup + 5, args.histograms, args.log_dir)
+            run_once(workload, v, args.warmup + 5, args.histograms, args.log_dir, args.accelerator)
         times: Dict[Optional[int], List[List[float]]] = {v: [] for v in variants}
         for _ in range(args.rounds):
             order = variants[:]
             random.shuffle(order)
             for v in order:
-                times[v].append(run_once(workload, v, steps, args.histograms, args.log_dir)[args.warmup:steps])
+                times[v].append(run_once(workload, v, steps, args.histograms, args.log_dir, args.accelerator)[args.warmup:steps])
         for interval in args.intervals:
             ratios, idle_ratios, extras, bare_means = [], [], [], []
             for bare, watched in zip(times[None], times[interval]):

@@ -631,13 +631,72 @@ def test_ddp_counts_and_histograms_equal_one_process_and_decisions_agree(tmp_pat
     noref = DataProfile.load(str(tmp_path / "ddp" / "noref.json")).splits["train"].fields["x"]
     assert noref.histogram.compute()["total"].tolist() == [101] * 8
     # collectives: none on steps that are not logged; one SUM and one MAX per logged step and monitor;
-    # one SUM at the first batch to agree on the edges of the monitor without a reference
+    # one SUM at the first batch to agree on the edges of the monitor without a reference; once per run, at
+    # the first logged step, one MAX per monitor to agree on the input scale of the first batches
     for r in ranks:
         per_step = {int(k): v for k, v in r["collectives"].items()}
         assert per_step.get(0) == 1 and all(per_step.get(s, 0) == 0 for s in (1, 2, 3, 5)), per_step
-        assert per_step[4] == 2 * 2, per_step  # step 6 ends the epoch
+        assert per_step[4] == 2 * 2 + 2, per_step  # step 6 ends the epoch
 
 
 def one_writer(directory: Any) -> bool:
     return (len(glob.glob(str(directory / "**" / "events.out.tfevents.*"), recursive=True)) == 1
             and len(glob.glob(str(directory / "**" / "alerts.jsonl"), recursive=True)) == 1)
+
+
+# ------------------------------------------------------------------------ default policy: severities
+def test_unnormalised_inputs_warn_once_at_the_first_batch_and_scaled_inputs_stay_quiet(tmp_path: Any) -> None:
+    x, y = tabular(128, 0)
+    fit(tmp_path / "raw", DataQualityMonitor(), loader(x * 6.0 + 5.0, y), max_steps=12)
+    (alert,) = by_rule(tmp_path / "raw", "data_unnormalised")
+    assert (alert["subject"], alert["severity"], alert["step"]) == ("train/x", "warning", 0)
+    assert alert["value"] == pytest.approx(float((x[:16] * 6.0 + 5.0).mean()), rel=1e-4)
+    assert "not standardised" in alert["message"] and "normalise the inputs" in alert["message"]
+    # standardised inputs, and images in [0, 1] (mean 0.5 but unit scale), are not flagged
+    fit(tmp_path / "std", DataQualityMonitor(), loader(x, y), max_steps=12)
+    unit = torch.rand(128, 8, generator=torch.Generator().manual_seed(3))
+    fit(tmp_path / "unit", DataQualityMonitor(), loader(unit, y), max_steps=12)
+    fit(tmp_path / "off", DataQualityMonitor(checks={"unnormalised": None}), loader(x * 6.0 + 5.0, y), max_steps=12)
+    for name in ("std", "unit", "off"):
+        assert by_rule(tmp_path / name, "data_unnormalised") == [], name
+
+
+def test_duplicates_are_info_when_few_and_a_warning_when_most_of_the_split(tmp_path: Any) -> None:
+    x, y = tabular(128, 0)
+    few = x.clone()
+    few[100:104] = few[0:4]  # 3%: above the 1% info threshold
+    fit(tmp_path / "few", DataQualityMonitor(), loader(few, y), max_steps=8)
+    severities = {a["severity"] for a in by_rule(tmp_path / "few", "data_duplicates")}
+    assert severities == {"info"}
+    most = x[torch.arange(128) % 12]  # 116 of 128 rows repeat one of 12
+    fit(tmp_path / "most", DataQualityMonitor(), loader(most, y), max_steps=8)
+    (alert, *_) = by_rule(tmp_path / "most", "data_duplicates")
+    assert alert["severity"] == "warning" and alert["value"] == pytest.approx(116 / 128)
+    assert alert["threshold"] == pytest.approx(0.5)
+
+
+def test_a_rare_class_is_a_warning_and_a_balanced_one_is_silent(tmp_path: Any) -> None:
+    x, _ = tabular(128, 0)
+    y = torch.arange(128) % 3
+    rare = y.clone()
+    rare[rare == 2] = torch.tensor([2, 2] + [0, 1] * 20)[: int((rare == 2).sum())]  # class 2: 2 of 128
+    fit(tmp_path / "rare", DataQualityMonitor(num_classes=3), loader(x, rare), max_steps=8)
+    (alert,) = by_rule(tmp_path / "rare", "data_class_imbalance")
+    assert (alert["severity"], alert["subject"]) == ("warning", "train/y")
+    assert "class 2" in alert["message"] and alert["threshold"] == pytest.approx(0.2 / 3)
+    fit(tmp_path / "balanced", DataQualityMonitor(num_classes=3), loader(x, y), max_steps=8)
+    assert by_rule(tmp_path / "balanced", "data_class_imbalance") == []
+
+
+def test_drift_is_a_warning_only_when_psi_and_ks_are_both_large(tmp_path: Any) -> None:
+    x, y = tabular(128, 0)
+    vx, vy = tabular(64, 1)
+    vx[:, 2] += 3.0  # one feature shifted by three standard deviations: PSI >> 0.5, KS ~ 0.9
+    fit(tmp_path / "big", DataQualityMonitor(), loader(x, y), loader(vx, vy), max_steps=8)
+    (alert, *_) = by_rule(tmp_path / "big", "data_drift")
+    assert (alert["subject"], alert["severity"]) == ("val/x.2", "warning")
+    # the same drift under a stricter escalation bar is reported at `info`
+    monitor = DataQualityMonitor(checks={"drift": {"psi_warn": 1e6}})
+    fit(tmp_path / "graded", monitor, loader(x, y), loader(vx, vy), max_steps=8)
+    (alert, *_) = by_rule(tmp_path / "graded", "data_drift")
+    assert (alert["subject"], alert["severity"]) == ("val/x.2", "info")

@@ -95,9 +95,13 @@ def run_in_process(tmp_path: Any, *overrides: str) -> Any:
 def test_an_lr_spike_is_caught_by_the_loss_spike_rule_of_the_default_policy(tmp_path):
     result = run_in_process(tmp_path, "fault=lr_spike")
     assert result.trainer.global_step == 135
-    (alert,) = result.alerts
+    alert, *after = result.alerts
     assert (alert["rule"], alert["subject"], alert["severity"]) == ("loss_spike", "monitor.step/loss", "warning")
     assert 110 < alert["step"] <= 120  # the spike starts at step 110; rules are checked every 5 steps
+    # The spike's lasting damage: it kills every unit of the second ReLU, which the activation monitor names
+    # once it has stayed dead for three checks.
+    assert [(a["rule"], a["subject"]) for a in after] == [("act_dead", "net.3")]
+    assert after[0]["step"] > alert["step"] and after[0]["value"] == 1.0
 
 
 def test_dead_units_are_caught_by_the_apps_own_rules_variant(tmp_path):

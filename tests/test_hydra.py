@@ -276,8 +276,13 @@ def test_data_checks_are_tuned_and_switched_off_by_name():
         "monitor.data_quality.bins=20",
         "+monitor.data_quality.schema={x: {dtype: float32, shape: [8]}}",
         "+monitor.data_quality.ranges={x: [-10, 10]}",
+        "monitor.data_quality.checks.unnormalised.max_abs_mean=1.5",
+        "monitor.data_quality.checks.drift.psi_warn=0.8",
+        "monitor.data_quality.checks.duplicates.warn_above=0.2",
     ))[DataQualityMonitor]
     assert dq.checks["constant"].enabled is False and dq.checks["drift"].enabled is True
+    assert dq.checks["unnormalised"]["max_abs_mean"] == 1.5 and dq.checks["unnormalised"]["min_rms"] == 2.0
+    assert dq.checks["drift"]["psi_warn"] == 0.8 and dq.checks["duplicates"]["warn_above"] == 0.2
     assert dq.checks["out_of_range"]["margin"] == 0.5 and dq.checks["out_of_range"]["tolerance"] == 1e-3
     assert dq.checks["leakage"].action == "stop" and dq.bins == 20
     assert list(dq.schema) == ["x"] and dq.ranges == {"x": [-10, 10]}

@@ -246,3 +246,95 @@ def test_checkpoint_action_asks_metric_checkpoint_to_save(tmp_path: Any, seed: i
     with open(ckpt.manifest_path) as fh:
         saved = [(c["reason"], c["step"]) for c in json.load(fh)["checkpoints"]]
     assert ("alert", 8) in saved  # saved at the end of the step whose check fired (global step 8)
+
+
+class RawLogitsNLL(Classifier):
+    """``F.nll_loss`` on raw logits instead of log-probabilities: the loss goes negative and keeps falling."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.nll_loss(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+
+def test_a_negative_loss_is_a_warning_that_names_the_likely_cause(tmp_path: Any) -> None:
+    monitor = MetricMonitor(every_n_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MonitorWarning)
+        trainer = make_trainer(tmp_path / "nll", [monitor], max_steps=30)
+        trainer.fit(RawLogitsNLL(), make_loader(n=512))
+    alerts = [a for a in read_alerts(str(tmp_path / "nll")) if a["rule"] == "loss_negative"]
+    assert alerts, "a negative loss raised no loss_negative alert"
+    first = alerts[0]
+    assert (first["severity"], first["action"], first["subject"]) == ("warning", "warn", "monitor.step/loss")
+    assert first["value"] < 0 and first["threshold"] == 0.0 and first["step"] % 5 == 4
+    assert "log_softmax" in first["message"] and f"first seen negative at step {first['step']}" in first["message"]
+    assert trainer.global_step == 30  # a warning: training goes on
+    assert monitor.state_dict()["negative_since"] == first["step"]
+
+
+def test_healthy_losses_and_a_switched_off_check_raise_no_negative_loss_alert(tmp_path: Any) -> None:
+    trainer = make_trainer(tmp_path / "healthy", [MetricMonitor(every_n_steps=5)], max_steps=30)
+    trainer.fit(Classifier(), make_loader(n=512))
+    assert [a for a in read_alerts(str(tmp_path / "healthy")) if a["rule"] == "loss_negative"] == []
+    monitor = MetricMonitor(every_n_steps=5, rules={"loss_negative": None})
+    assert not monitor.negative_loss_check
+    assert sorted(r.name for r in monitor.rules.rules) == ["loss_nonfinite", "loss_spike"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MonitorWarning)
+        trainer = make_trainer(tmp_path / "off", [monitor], max_steps=30)
+        trainer.fit(RawLogitsNLL(), make_loader(n=512))
+    assert [a for a in read_alerts(str(tmp_path / "off")) if a["rule"] == "loss_negative"] == []
+
+
+def test_the_negative_loss_check_runs_without_any_loss_rule(tmp_path: Any) -> None:
+    monitor = MetricMonitor(every_n_steps=5, rules={"loss_nonfinite": None, "loss_spike": None})
+    assert monitor.negative_loss_check and len(monitor.rules) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MonitorWarning)
+        make_trainer(tmp_path, [monitor], max_steps=20).fit(RawLogitsNLL(), make_loader(n=512))
+    assert any(a["rule"] == "loss_negative" for a in read_alerts(str(tmp_path)))
+    assert monitor.host_reads == 4  # one read per check (steps 4, 9, 14, 19), none in between
+
+
+class SpikeAt(Classifier):
+    """The loss of one optimizer step multiplied by ``factor`` (a transient spike between two checks)."""
+
+    def __init__(self, at: Optional[int], factor: float = 20.0) -> None:
+        super().__init__()
+        self.at, self.factor = at, factor
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.factor if self.trainer.global_step == self.at else loss
+
+
+STEP_SPIKE = {"loss_step_spike": {"metric": "monitor.step/loss_step_z", "kind": "threshold", "above": 15,
+                                   "check_on": ["step"]}}
+
+
+def test_the_per_step_spike_score_catches_a_one_step_loss_spike_between_checks(tmp_path: Any) -> None:
+    assert not MetricMonitor().step_spike_check  # opt-in: no per-step work unless a rule reads it
+    monitor = MetricMonitor(every_n_steps=10, rules=STEP_SPIKE)
+    assert monitor.step_spike_check
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MonitorWarning)
+        make_trainer(tmp_path / "spike", [monitor], max_steps=100, log_every_n_steps=10).fit(
+            SpikeAt(76), make_loader(n=2048, batch_size=32, seed=1))
+    alerts = read_alerts(str(tmp_path / "spike"))
+    (alert,) = [a for a in alerts if a["rule"] == "loss_step_spike"]
+    assert (alert["step"], alert["severity"], alert["subject"]) == (79, "warning", "monitor.step/loss_step_z")
+    assert alert["value"] >= 15 and alert["threshold"] == 15
+    assert monitor.host_reads == 10  # still one read per check: the per-step losses stay on the device
+    # the check-level rule reads one value per check and does not see a spike that falls between checks
+    assert not any(a["rule"] == "loss_spike" for a in alerts)
+    acc = read_events(os.path.join(str(tmp_path / "spike"), "tb", "version_0"))
+    scores = scalars(acc, "monitor.rule/loss_step_spike/score")
+    assert min(scores) == 59 and scores[79] >= 15  # after a full window of 50 steps
+    assert max(v for k, v in scores.items() if k != 79) < 15
+
+    healthy = MetricMonitor(every_n_steps=10, rules=STEP_SPIKE)
+    make_trainer(tmp_path / "healthy", [healthy], max_steps=100, log_every_n_steps=10).fit(
+        SpikeAt(None), make_loader(n=2048, batch_size=32, seed=1))
+    assert read_alerts(str(tmp_path / "healthy")) == []

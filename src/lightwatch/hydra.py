@@ -338,6 +338,11 @@ class DataCheckConf:
     floor: Optional[float] = None
     threshold: Optional[float] = None
     ratio: Optional[float] = None
+    max_abs_mean: Optional[float] = None
+    min_rms: Optional[float] = None
+    psi_warn: Optional[float] = None
+    ks_warn: Optional[float] = None
+    warn_above: Optional[float] = None
 
 
 @dataclass
@@ -349,6 +354,7 @@ class DataChecksConf:
     out_of_range: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
     schema: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
     empty_batch: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
+    unnormalised: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
     drift: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
     drift_ref: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
     label_shift: Optional[DataCheckConf] = field(default_factory=DataCheckConf)

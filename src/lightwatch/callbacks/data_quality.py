@@ -75,22 +75,34 @@ CHECKS: Dict[str, Dict[str, Any]] = {
     "out_of_range": {"tier": "batch", "action": "warn", "severity": "warning", "margin": 0.1, "tolerance": 1e-3},
     "schema": {"tier": "batch", "action": "warn", "severity": "error"},
     "empty_batch": {"tier": "batch", "action": "warn", "severity": "warning"},
+    # once, on the first training batch: inputs far from zero mean and unit scale (raw pixels, raw units);
+    # standardised digits: |mean| <= 0.05, RMS <= 1.2; raw 0..16 pixels: |mean| 4.7, RMS 7.6; images in
+    # [0, 1] (|mean| 0.5, RMS 0.58) train well and stay below `min_rms`
+    "unnormalised": {"tier": "first_batch", "action": "warn", "severity": "warning", "max_abs_mean": 0.5,
+                     "min_rms": 2.0},
     # distribution tier
+    # drift: `info` when significant, the check's severity only when a feature has both PSI > psi_warn and
+    # KS > ks_warn (healthy val vs train of small splits reaches PSI 0.14 and KS 0.13; duplicated or
+    # imbalanced training data moves PSI to 0.4 at most, a real covariate shift to 5 and more)
     "drift": {"tier": "epoch", "action": "warn", "severity": "warning", "alpha": 0.01, "psi_floor": 0.1,
-              "ks_floor": 0.1},
+              "ks_floor": 0.1, "psi_warn": 0.5, "ks_warn": 0.3},
     "drift_ref": {"tier": "epoch", "action": "warn", "severity": "warning", "alpha": 0.01, "psi_floor": 0.1,
-                  "ks_floor": 0.1},
+                  "ks_floor": 0.1, "psi_warn": 0.5, "ks_warn": 0.3},
     "label_shift": {"tier": "epoch", "action": "warn", "severity": "warning", "alpha": 1e-3, "floor": 0.1},
     "label_shift_ref": {"tier": "epoch", "action": "warn", "severity": "warning", "alpha": 1e-3, "floor": 0.1},
     "constant": {"tier": "epoch", "action": "warn", "severity": "warning", "alpha": 1e-3},
-    "duplicates": {"tier": "epoch", "action": "warn", "severity": "warning", "threshold": 0.05},
+    # duplicates: `info` above `threshold`, the check's severity above `warn_above`
+    "duplicates": {"tier": "epoch", "action": "warn", "severity": "warning", "threshold": 0.01, "warn_above": 0.5},
     "leakage": {"tier": "epoch", "action": "warn", "severity": "warning", "threshold": 0.0},
-    "class_imbalance": {"tier": "epoch", "action": "log", "severity": "info", "ratio": 0.1},
+    # the rarest class below `ratio` of a uniform share (healthy digits: >= 0.87; harmful imbalance: 0.06)
+    "class_imbalance": {"tier": "epoch", "action": "warn", "severity": "warning", "ratio": 0.2},
 }
 # Allowed range of each numeric parameter: (low, high, low inclusive).
 _PARAM_BOUNDS = {"alpha": (0.0, 1.0, False), "psi_floor": (0.0, math.inf, True), "ks_floor": (0.0, 1.0, True),
                  "floor": (0.0, 1.0, True), "threshold": (0.0, 1.0, True), "margin": (0.0, math.inf, True),
-                 "tolerance": (0.0, 1.0, True), "ratio": (0.0, 1.0, False)}
+                 "tolerance": (0.0, 1.0, True), "ratio": (0.0, 1.0, False), "max_abs_mean": (0.0, math.inf, False),
+                 "min_rms": (0.0, math.inf, True),
+                 "psi_warn": (0.0, math.inf, True), "ks_warn": (0.0, 1.0, True), "warn_above": (0.0, 1.0, True)}
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,12 @@ class _Check:
 
     def __getitem__(self, key: str) -> float:
         return self.params[key]
+
+    def graded(self, strong: bool) -> str:
+        """The check's severity when the finding is ``strong``, else at most ``info``."""
+        if strong or not severity_at_least(self.severity, "info"):
+            return self.severity
+        return "info"
 
 
 def _parse_checks(checks: Optional[Mapping[str, Any]], where: str) -> Dict[str, _Check]:
@@ -405,7 +423,10 @@ class DataQualityMonitor(MonitorCallback):
     (``drift_ref``), label shift (``label_shift``, ``label_shift_ref``: a chi-square test *and* the total
     variation distance as effect size), features that became constant (``constant``), duplicates within a split
     (``duplicates``), evaluation samples also seen in training (``leakage``) and class imbalance
-    (``class_imbalance``). The statistics are saved as a JSON profile usable as ``reference`` of a later
+    (``class_imbalance``). Once, at the first training batch: inputs far from zero mean and unit scale
+    (``unnormalised``). Graded severities keep healthy runs quiet: drift is ``info`` unless a feature has both
+    PSI > ``psi_warn`` (0.5) and KS > ``ks_warn`` (0.3), duplicates are ``info`` up to ``warn_above`` (50%)
+    of the split. The statistics are saved as a JSON profile usable as ``reference`` of a later
     run.
 
     Tags: ``monitor.data/<split>/<field or field.feature or _all>/<stat>`` with stats ``nonfinite``,
@@ -550,6 +571,10 @@ class DataQualityMonitor(MonitorCallback):
         self._restored_ranges: Dict[str, Dict[str, Any]] = {}
         self._immediate_flag: Optional[torch.Tensor] = None
         self._record_only = False
+        # input scale of the first training batch: (field names, device tensor [|mean|, std] per field), read
+        # at the first logged step; `_scale_checked` keeps a resumed run from checking again
+        self._scale_probe: Optional[Tuple[List[str], torch.Tensor, int]] = None
+        self._scale_checked = False
 
     @staticmethod
     def _parse_schema(schema: Optional[Mapping[str, Mapping[str, Any]]], where: str) -> Dict[str, _Schema]:
@@ -1028,11 +1053,63 @@ class DataQualityMonitor(MonitorCallback):
         step = logging_step(trainer)
         self._immediate_flag = None
         self._observe(trainer, pl_module, sp, batch, step)
+        if not self._scale_checked:
+            self._check_scale(trainer, pl_module, sp, batch, step)
         if self._immediate_checks and self._immediate_triggered(sp):
             self._flush_step(trainer, pl_module, sp, step, synchronous=True)
             return
         if self.sampled and step != self._published_step:
             self._flush_step(trainer, pl_module, sp, step)
+
+    def _check_scale(self, trainer: Any, pl_module: Any, sp: _Split, batch: Any, step: int) -> None:
+        """``unnormalised``: |mean| of every floating input field of the first training batch.
+
+        Fires when both ``|mean| > max_abs_mean`` and the RMS ``sqrt(mean^2 + std^2) > min_rms``. Computed on
+        the device at the first batch and read at the first logged step (one small copy and, under DDP,
+        one MAX over ranks, once per run).
+        Standardised inputs have a batch mean near 0 (|mean| <= 0.05 on the digits suite); raw pixels or raw
+        physical units sit far from it (4.7 for 0..16 pixels) and slow or stall training.
+        """
+        check = self.checks["unnormalised"]
+        if not check.enabled or sp.specs is None:
+            self._scale_checked = True
+            return
+        if self._scale_probe is None:
+            names, rows = [], []
+            for s in sp.specs:
+                if s.role != "input" or s.kind != "numeric" or not s.floating:
+                    continue
+                t = self.selector.get(batch, s.field)
+                if not isinstance(t, torch.Tensor) or t.numel() == 0:
+                    continue
+                x = t.detach().to(torch.float32)
+                finite = torch.where(torch.isfinite(x), x, torch.nan)  # a NaN is data_nonfinite's business
+                mean = torch.nanmean(finite)
+                std = torch.nanmean((finite - mean).square()).sqrt()
+                names.append(s.name)
+                rows.append(torch.stack([mean.abs(), std]))
+            if not rows:
+                self._scale_checked = True
+                return
+            self._scale_probe = (names, torch.stack(rows), step)
+        if not self.sampled:
+            return  # no host read on a step that is not logged
+        names, probe, first = self._scale_probe
+        self._scale_probe, self._scale_checked = None, True
+        # ranks see different first batches: the largest |mean| and std decide, so every rank raises the same
+        # alert (and takes the same action); one MAX, once per run
+        values = agree_max(probe).tolist()
+        limit, min_rms = check["max_abs_mean"], check["min_rms"]
+        for name, (abs_mean, std) in zip(names, values):
+            rms = math.sqrt(abs_mean ** 2 + std ** 2)
+            if math.isfinite(rms) and abs_mean > limit and rms > min_rms:
+                self._raise(trainer, pl_module, check, subject=f"train/{name}", value=abs_mean, threshold=limit,
+                            step=first, message=(
+                                f"inputs are not standardised: mean |x| = {abs_mean:.3g} (std {std:.3g}, RMS "
+                                f"{rms:.3g}) over the first training batch (step {first}) of input {name!r}, above "
+                                f"|mean| {limit:g} and RMS {min_rms:g}: raw pixels or raw units slow or stall "
+                                f"training; normalise the inputs (e.g. z-score per feature with the training "
+                                f"statistics)."))
 
     def _immediate_triggered(self, sp: _Split) -> bool:
         """Every step, when a per-batch check acts on the batch itself: one host read (and one MAX)."""
@@ -1309,11 +1386,14 @@ class DataQualityMonitor(MonitorCallback):
                     message=f"{int(count)} {sp.name} {what} ({where}.)")
 
     def _raise(self, trainer: Any, pl_module: Any, check: _Check, *, subject: str, value: Optional[float],
-               message: str, step: int, threshold: Optional[float] = None) -> None:
+               message: str, step: int, threshold: Optional[float] = None, severity: Optional[str] = None) -> None:
         action = "log" if self._record_only else check.action
         if action == "skip_step":
             self._skip_step = logging_step(trainer)
-        self.raise_alert(trainer, pl_module, rule=check.rule, severity=check.severity, action=action,
+        severity = severity or check.severity
+        if severity == "info" and severity != check.severity and action not in ("log", "warn"):
+            action = "log"  # a weak finding never takes a control-flow action meant for a strong one
+        self.raise_alert(trainer, pl_module, rule=check.rule, severity=severity, action=action,
                          subject=subject, value=value, threshold=threshold, message=message, step=step)
 
     # ---------------------------------------------------------------------- distribution tier
@@ -1487,8 +1567,10 @@ class DataQualityMonitor(MonitorCallback):
     def _check_duplicates(self, trainer: Any, pl_module: Any, sp: _Split, d: Mapping[str, Any], step: int) -> None:
         check = self.checks["duplicates"]
         if check.enabled and d["samples"] and d["duplicate_fraction"] > check["threshold"]:
+            strong = d["duplicate_fraction"] > check["warn_above"]
             self._raise(trainer, pl_module, check, subject=f"{sp.name}/_all", value=float(d["duplicate_fraction"]),
-                        threshold=check["threshold"], step=step, message=(
+                        threshold=check["warn_above"] if strong else check["threshold"], step=step,
+                        severity=check.graded(strong), message=(
                             f"{d['duplicates']} of the {d['samples']} {sp.name} samples "
                             f"({100 * d['duplicate_fraction']:.3g}%) are exact copies of an earlier sample of the "
                             f"same epoch. Deduplicate the dataset, or check for an oversampling or indexing bug."))
@@ -1546,8 +1628,9 @@ class DataQualityMonitor(MonitorCallback):
             if flagged and check.enabled:
                 worst = sorted(flagged, key=lambda j: -p[j])
                 listed = ", ".join(f"{s.label(j)} (PSI {p[j]:.3g}, KS {d[j]:.3g})" for j in worst[:5])
+                strong = any(p[j] > check["psi_warn"] and d[j] > check["ks_warn"] for j in flagged)
                 self._raise(trainer, pl_module, check, subject=f"{name}/{s.label(worst[0])}", value=p[worst[0]],
-                            threshold=psi_thr, step=step, message=(
+                            threshold=psi_thr, step=step, severity=check.graded(strong), message=(
                                 f"{len(flagged)} of the {s.num_features} feature(s) of {name} {s.role} {s.name!r} "
                                 f"drifted from {what} ({cur.samples} vs {other.samples} samples; thresholds PSI "
                                 f"{psi_thr:.3g}, KS {ks_thr:.3g}): {listed}"
@@ -1783,6 +1866,7 @@ class DataQualityMonitor(MonitorCallback):
             "learned_ranges": {k: {"bounds": [list(b) for b in r.bounds], "n_ref": int(r.n_ref), "source": r.source}
                                for k, r in self._ranges.items() if not r.hard and r.bounds},
             "learned": bool(self._learned),
+            "scale_checked": bool(self._scale_checked),
             "reported": sorted(f"{a}|{b}" for a, b in self._reported),
             "profile": self._profile.to_dict(with_hashes=False),
         })
@@ -1800,6 +1884,7 @@ class DataQualityMonitor(MonitorCallback):
         self._label_max = {k: float(v) for k, v in state_dict.get("label_max", {}).items()}
         self._restored_ranges = {str(k): dict(v) for k, v in state_dict.get("learned_ranges", {}).items()}
         self._learned = bool(state_dict.get("learned", False))
+        self._scale_checked = bool(state_dict.get("scale_checked", self._learned))
         self._reported = {tuple(x.split("|", 1)) for x in state_dict.get("reported", [])}  # type: ignore[misc]
         try:
             self._profile = DataProfile.from_dict(state_dict.get("profile", {}), "<checkpoint>")

@@ -135,6 +135,9 @@ class GradientStatsMonitor(MonitorCallback):
         self._weight_layers: List[int] = []
         self._checks_done = 0
         self._stale_checks_left = 3
+        # grad_stale flags: read at once on the CPU, one step late on CUDA (no host sync in the step itself)
+        self._stale_readback: HostReadback = HostReadback()
+        self._stale_reported = False
         self._counts_on_device = False
         self._index_cache: Optional[Tuple[Tuple[int, ...], torch.Tensor]] = None
         self._readback: HostReadback = HostReadback()
@@ -237,6 +240,8 @@ class GradientStatsMonitor(MonitorCallback):
                            batch_idx: int) -> None:
         if self._readback.pending:  # values of an earlier sampled step, read one step late on CUDA
             self._publish(trainer, pl_module)
+        if self._stale_readback.pending and self._stale_readback.oldest_meta()[0] < logging_step(trainer):
+            self._check_stale(trainer, pl_module)
         if not self.sampled or self._grad_stats is None or self._stats_step != logging_step(trainer):
             return
         packed = self._pack()
@@ -384,16 +389,30 @@ class GradientStatsMonitor(MonitorCallback):
         if trainer.fit_loop.epoch_loop.batch_progress.current.ready % accumulate != 1 % accumulate:
             return
         self._stale_checks_left -= 1
-        if int(getattr(trainer, "global_step", 0)) == 0:
+        step = int(getattr(trainer, "global_step", 0))
+        if step == 0:
             return
-        stale = [n for n, p in zip(self._names, self._params) if p.grad is not None and bool(p.grad.any())]
-        if stale:
-            self._stale_checks_left = 0
+        present = [i for i, p in enumerate(self._params) if p.grad is not None]
+        if not present:
+            return
+        # one fused norm per gradient: non-zero (or NaN) means the gradient survived the previous step
+        flags = _norms([local_tensor(self._params[i].grad.detach()) for i in present]).ne(0).float()
+        self._stale_readback.submit(flags, (step, present))
+        if not HostReadback.deferred(flags):
+            self._check_stale(trainer, pl_module)
+
+    def _check_stale(self, trainer: Any, pl_module: Any) -> None:
+        for flags, (step, present) in self._stale_readback.collect():
+            stale = [self._names[i] for i, flag in zip(present, flags) if flag]
+            if not stale or self._stale_reported:
+                continue
+            self._stale_reported, self._stale_checks_left = True, 0
             self.raise_alert(
                 trainer, pl_module, rule="grad_stale", severity="error", subject=stale[0], value=float(len(stale)),
-                message=(f"gradients of {len(stale)} parameter(s) ({', '.join(stale[:3])}) are non-zero before "
-                         f"backward at the start of step {trainer.global_step}: they accumulate across steps. "
-                         f"zero_grad is not called (check an overridden optimizer_zero_grad or manual loop)."))
+                step=step, message=(
+                    f"gradients of {len(stale)} parameter(s) ({', '.join(stale[:3])}) are non-zero before "
+                    f"backward at the start of step {step}: they accumulate across steps. "
+                    f"zero_grad is not called (check an overridden optimizer_zero_grad or manual loop)."))
 
     def _diagnose_step(self, trainer: Any, pl_module: Any, step: int, present: List[float], grad_sq: List[float],
                        before_sq: List[float], delta_sq: List[float]) -> None:
@@ -435,5 +454,7 @@ class GradientStatsMonitor(MonitorCallback):
 
     # ------------------------------------------------------------------------------------ end
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._stale_readback.pending:
+            self._check_stale(trainer, pl_module)
         if self._readback.pending:
             self._publish(trainer, pl_module)

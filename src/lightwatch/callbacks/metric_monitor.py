@@ -26,6 +26,15 @@ from lightwatch.core.runtime import distributed_ready, is_sharded_strategy, loca
 __all__ = ["MetricMonitor", "default_rules"]
 
 _POINTS = ("every_step", "step", "validation", "epoch", "epoch_late")
+_NEGATIVE = "loss_negative"
+# Per-step spike score: robust z of each step's loss against the median/MAD of the previous 50 steps. On the
+# fault suite's healthy runs the largest z over a run was 1.3 to 8.1 (MAD floored at 1% of the median); a
+# learning rate x30 for two steps gave 28 to 77 (15 sits between). A check-level z never saw that spike.
+_STEP_SPIKE_WINDOW = 50
+# ... and the step's excess over the median must be this many times the largest excess in the window: a spike
+# is a step far outside the recent range, not one more hard batch like those the window already holds.
+_STEP_SPIKE_NOVELTY = 2.0
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
 def default_rules(prefix: str = "monitor") -> Dict[str, Dict[str, Any]]:
@@ -38,7 +47,8 @@ def default_rules(prefix: str = "monitor") -> Dict[str, Dict[str, Any]]:
       small-batch runs, where a few misclassified samples make the batch loss heavy-tailed; two in a row did
       not happen.)
 
-    Both are checked every ``every_n_steps`` steps (no per-step cost).
+    Both are checked every ``every_n_steps`` steps (no per-step cost). ``MetricMonitor`` also runs the built-in
+    ``loss_negative`` check at the same checks (see :class:`MetricMonitor`); it is not a rule of this list.
     """
     loss = f"{prefix}.step/loss"
     return {
@@ -67,6 +77,26 @@ class MetricMonitor(MonitorCallback):
       divided back by the ``GradScaler`` scale under fp16 AMP);
     - ``monitor.step/grad_norm``: global L2 norm of all gradients after unscaling and the DDP all-reduce,
       before clipping (exact under FSDP through one SUM all-reduce).
+
+    Built-in check ``loss_negative`` (on by default, with the built-in rules): at every ``step`` check, a finite
+    training loss below 0 (on any rank) raises a ``warning``: a loss that should be non-negative
+    (cross-entropy, NLL of log-probabilities) is negative, most often ``F.nll_loss`` applied to raw logits
+    instead of ``log_softmax``. Healthy runs with such losses never go below 0. It reads the value the step
+    checks already read (no extra host read or collective). For losses that can legitimately be negative
+    (continuous log-likelihoods, some contrastive or adversarial objectives) switch it off with
+    ``rules={"loss_negative": None}``; a rule of your own named ``loss_negative`` replaces it.
+
+    Built-in value for short spikes, ``monitor.step/loss_step_z``: the largest robust z-score of the per-step
+    losses since the previous check, against the median and MAD (floored at 1% of the median) of the 50 steps
+    before them, counting only steps whose excess over that median is more than twice the largest excess among
+    those 50 steps (other steps score 0). Only when a rule watches it, every step's loss is kept on the device
+    in a small ring (no host read between checks), so a one- or two-step spike that falls between checks is
+    seen, which a rule on
+    ``monitor.step/loss`` (one value per check) cannot do. It is not in the default rules: on the fault suite a
+    threshold of 15 separates healthy runs (<= 8.1) from a planted spike (>= 28), but on a healthy small MLP
+    whose loss late in training is near 0 single hard batches reached 22 to 30. To use it:
+    ``rules={"loss_step_spike": {"metric": "monitor.step/loss_step_z", "kind": "threshold", "above": 15,
+    "check_on": ["step"]}}``.
 
     When rules are checked (``check_on``): ``step`` every ``every_n_steps`` optimizer steps (on
     ``on_train_batch_end``, at the step ``self.log`` curves use), ``validation`` at validation end, ``epoch`` at
@@ -138,7 +168,9 @@ class MetricMonitor(MonitorCallback):
             raise ValueError(f"{where}: rules must be a mapping of rule name to settings, e.g. "
                              f"{{'val_plateau': {{'metric': 'val/loss', 'kind': 'plateau'}}}}; got {type(user).__name__}.")
         specs: Dict[str, Any] = dict(default_rules(prefix)) if builtin_rules else {}
-        specs.update({str(k): v for k, v in user.items()})
+        # `loss_negative` is a built-in check, not a rule: None switches it off, a rule of that name replaces it
+        self.negative_loss_check = bool(builtin_rules) and _NEGATIVE not in user
+        specs.update({str(k): v for k, v in user.items() if not (k == _NEGATIVE and v is None)})
         self.rules = RuleSet(specs, where=where, default_cooldown=self.cooldown.steps)
         if snapshots is not None and (isinstance(snapshots, bool) or int(snapshots) != snapshots or snapshots < 0):
             raise ValueError(f"{where}: snapshots must be an integer >= 0 or None, got {snapshots!r}.")
@@ -155,13 +187,21 @@ class MetricMonitor(MonitorCallback):
         self.name = name
         self.loss_metric = f"{prefix}.step/loss"
         self.grad_norm_metric = f"{prefix}.step/grad_norm"
-        self._builtins = (self.loss_metric, self.grad_norm_metric)
+        self.step_z_metric = f"{prefix}.step/loss_step_z"
+        self._builtins = (self.loss_metric, self.grad_norm_metric, self.step_z_metric)
         self._due: Dict[str, List[Rule]] = {p: self.rules.due(p) for p in _POINTS}
         self._names: Dict[int, List[str]] = {}  # metrics of each due list (they live as long as this callback)
         step_metrics = set(RuleSet.metrics_of(self._due["step"]))
         every_metrics = set(RuleSet.metrics_of(self._due["every_step"]))
         self._loss_every_step = self.loss_metric in every_metrics
-        self._loss_sampled = self.loss_metric in step_metrics
+        self._loss_sampled = self.loss_metric in step_metrics or self.negative_loss_check
+        # every step's loss is kept only when a rule reads the per-step spike score
+        self.step_spike_check = any(self.step_z_metric in r.metrics for r in self.rules.rules)
+        self._negative_since: Optional[int] = None  # first check that saw a negative loss
+        # monitor.step/loss_step_z: every step's loss on the device, oldest overwritten; `_ring_count` steps written
+        self._loss_ring: Optional[torch.Tensor] = None
+        self._ring_count = 0
+        self._ring_checked = 0  # `_ring_count` at the previous check
         self._grad_every_step = self.grad_norm_metric in every_metrics
         self._grad_sampled = self.grad_norm_metric in step_metrics
         self._recovering = any(r.action in ("skip_step", "rollback") for r in self.rules.rules)
@@ -212,10 +252,11 @@ class MetricMonitor(MonitorCallback):
             uninstall_recovery(trainer, self.recovery)
             self._last_obj.clear()
             self._loss_acc = self._step_loss = self._step_grad = None
+            self._loss_ring, self._ring_count, self._ring_checked = None, 0, 0
 
     # -------------------------------------------------------------------------------- hot path
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
-        if not (self._loss_every_step or (self.sampled and self._loss_sampled)):
+        if not (self._loss_every_step or self.step_spike_check or (self.sampled and self._loss_sampled)):
             return
         value = loss.detach()
         if value.numel() != 1:
@@ -236,11 +277,50 @@ class MetricMonitor(MonitorCallback):
             return
         self._opt_step = step
         self._step_loss, self._loss_acc = self._loss_acc, None
+        if self.step_spike_check and self._step_loss is not None:
+            self._remember_loss(self._step_loss)
         if self._grad_every_step or (self.sampled and self._grad_sampled):
             self._step_grad = self._grad_norm(pl_module)
         self.recovery.apply_pending_skip(trainer, pl_module)
         if self._due["every_step"]:
             self._check(trainer, pl_module, "every_step")
+
+    def _remember_loss(self, loss: torch.Tensor) -> None:
+        """Write this step's loss into the device ring: one small device copy, no host read."""
+        if self._loss_ring is None or self._loss_ring.device != loss.device:
+            self._loss_ring = torch.zeros(_STEP_SPIKE_WINDOW + self.interval, device=loss.device)
+            self._ring_count = self._ring_checked = 0
+        self._loss_ring[self._ring_count % self._loss_ring.numel()] = loss.reshape(())
+        self._ring_count += 1
+
+    def _step_spike_score(self) -> Optional[torch.Tensor]:
+        """Largest robust z of the steps since the last check against the 50 steps before them (device scalar).
+
+        ``None`` until a full window of earlier steps exists. Non-finite losses are left to ``loss_nonfinite``.
+        """
+        ring, count = self._loss_ring, self._ring_count
+        new = count - self._ring_checked
+        self._ring_checked = count
+        if ring is None or new <= 0:
+            return None
+        size = ring.numel()
+        new = min(new, size - _STEP_SPIKE_WINDOW)
+        if count - new < _STEP_SPIKE_WINDOW:
+            return None
+        first = count - new - _STEP_SPIKE_WINDOW  # chronological positions first .. count-1
+        order = torch.arange(first, count, device=ring.device) % size
+        values = ring[order]
+        base, recent = values[:_STEP_SPIKE_WINDOW], values[_STEP_SPIKE_WINDOW:]
+        base = base[torch.isfinite(base)]
+        if base.numel() == 0:
+            return None
+        median = base.median()
+        scale = torch.maximum(_MAD_TO_SIGMA * (base - median).abs().median(), 0.01 * median.abs()).clamp_min(1e-12)
+        z = (recent - median) / scale
+        novel = (recent - median) > _STEP_SPIKE_NOVELTY * (base.max() - median)
+        # NaN/Inf is loss_nonfinite's business; a step within the window's own range is no spike: both score 0
+        z = torch.where(torch.isfinite(z) & novel, z, torch.zeros_like(z))
+        return z.max()
 
     def _grad_norm(self, pl_module: "pl.LightningModule") -> Optional[torch.Tensor]:
         grads = [local_tensor(p.grad.detach()) for p in pl_module.parameters() if p.grad is not None]
@@ -290,13 +370,16 @@ class MetricMonitor(MonitorCallback):
         step = logging_step(trainer)
         snapshot = (point == "step" and self.recovery.ring.size > 0 and (step + 1) % self._snapshot_interval == 0
                     and not self.recovery.pending)
-        if not rules and not snapshot:
+        negative = point == "step" and self.negative_loss_check
+        if not rules and not snapshot and not negative:
             if point != "every_step":
                 self._write(trainer, step, counters=point == "step")
             return
         stats, new, flags = self._read(trainer, pl_module, rules, [1.0 if self.recovery.unhealthy else 0.0])
         epoch = int(getattr(trainer, "current_epoch", 0))
         firings = self.rules.evaluate(point, rules, stats, new, step, epoch)
+        if negative:
+            self._check_negative_loss(trainer, pl_module, stats.get(self.loss_metric), step)
         self._seen.update(name for name, s in stats.items() if s.present)
         for rule in rules:
             if rule.last_score is not None and rule.last_point == point:
@@ -310,6 +393,22 @@ class MetricMonitor(MonitorCallback):
         if point != "every_step":
             self._write(trainer, step, counters=point == "step")
 
+    def _check_negative_loss(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                             stats: Optional[MetricStats], step: int) -> None:
+        """``loss_negative``: a finite training loss below 0 on any rank (the reduced minimum: same on all ranks)."""
+        if stats is None or not stats.present or stats.nonfinite or not math.isfinite(stats.min) or stats.min >= 0:
+            return  # NaN/Inf belongs to loss_nonfinite
+        if self._negative_since is None:
+            self._negative_since = step
+        self.raise_alert(
+            trainer, pl_module, rule=_NEGATIVE, severity="warning", action="warn", subject=self.loss_metric,
+            value=stats.min, threshold=0.0, step=step, message=(
+                f"the training loss {self.loss_metric} = {stats.min:.4g} at step {step} is negative (first seen "
+                f"negative at step {self._negative_since}): a loss that should be non-negative (cross-entropy, NLL "
+                f"of log-probabilities) is negative: likely NLL/cross-entropy applied to raw logits instead of "
+                f"log_softmax. Use F.cross_entropy on the logits, or F.nll_loss on log_softmax outputs. If this loss "
+                f"can legitimately be negative, drop the check with rules={{'{_NEGATIVE}': None}}."))
+
     def _fire(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", firing: Firing) -> None:
         rule, finding = firing.rule, firing.finding
         self.raise_alert(trainer, pl_module, rule=rule.name, severity=rule.severity, message=firing.message,
@@ -321,6 +420,8 @@ class MetricMonitor(MonitorCallback):
             return self._step_loss
         if name == self.grad_norm_metric:
             return self._step_grad
+        if name == self.step_z_metric:
+            return self._step_spike_score()  # read once per check: it consumes the steps since the last one
         return metrics.get(name)
 
     def _read(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", rules: Sequence[Rule],
@@ -329,7 +430,12 @@ class MetricMonitor(MonitorCallback):
 
         One buffer, one device-to-host copy, and under DDP at most one MAX and one SUM all-reduce.
         """
-        names = self._names.get(id(rules)) or self._names.setdefault(id(rules), RuleSet.metrics_of(rules))
+        names = self._names.get(id(rules))
+        if names is None:
+            names = RuleSet.metrics_of(rules)
+            if rules is self._due["step"] and self.negative_loss_check and self.loss_metric not in names:
+                names = names + [self.loss_metric]  # read by the loss_negative check
+            self._names[id(rules)] = names
         metrics = trainer.callback_metrics if any(n not in self._builtins for n in names) else {}
         raw = [self._value(n, metrics) for n in names]
         raw = [self._scalar(n, v) for n, v in zip(names, raw)]
@@ -434,6 +540,7 @@ class MetricMonitor(MonitorCallback):
         # The model went back to its state after `restored_step` steps: what rules learned later is forgotten.
         self.rules.forget_after(record.restored_step)
         self._loss_acc = self._step_loss = self._step_grad = None
+        self._loss_ring, self._ring_count, self._ring_checked = None, 0, 0  # the history before is not this run's
 
     # ------------------------------------------------------------------------------- missing
     def _warn_missing(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -466,6 +573,7 @@ class MetricMonitor(MonitorCallback):
             "recovery": self.recovery.state_dict(),
             "seen": sorted(self._seen),
             "warned": sorted(self._warned),
+            "negative_since": self._negative_since,
         })
         return state
 
@@ -479,6 +587,8 @@ class MetricMonitor(MonitorCallback):
         self.recovery.load_state_dict(state_dict.get("recovery", {}))
         self._seen = set(map(str, state_dict.get("seen", [])))
         self._warned = set(map(str, state_dict.get("warned", [])))
+        since = state_dict.get("negative_since")
+        self._negative_since = None if since is None else int(since)
 
 
 def _fitting(trainer: Any) -> bool:

@@ -46,6 +46,10 @@ class HostReadback(Generic[Meta]):
         else:
             self._pending.append((values.clone() if values.requires_grad else values, None, meta))
 
+    def oldest_meta(self) -> Meta:
+        """The ``meta`` of the oldest pending submission (there must be one)."""
+        return self._pending[0][2]
+
     def collect(self) -> List[Tuple[List[float], Meta]]:
         """Everything submitted so far, as host lists (waits on CUDA events, which are done by then)."""
         out: List[Tuple[List[float], Meta]] = []
