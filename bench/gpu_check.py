@@ -187,8 +187,10 @@ def equal_run(accelerator: str, root: str) -> Tuple[List[Tuple[str, int, Optiona
     pl.seed_everything(0, verbose=False)
     batch, nan_step = 16, 17
     data = DataLoader(Planted(batch * 40, nan_index=batch * nan_step + 5), batch_size=batch, shuffle=False)
-    monitors = [GradientStatsMonitor(every_n_steps=5, nonfinite_action="stop"),
-                ActivationStatsMonitor(every_n_steps=5), DataQualityMonitor(every_n_steps=5), MetricMonitor(every_n_steps=5)]
+    # the per-step norm is on for both devices (its default is on for CUDA only), so the tags match
+    monitors = [GradientStatsMonitor(every_n_steps=5, nonfinite_action="stop", norm_every_step=True),
+                ActivationStatsMonitor(every_n_steps=5), DataQualityMonitor(every_n_steps=5),
+                MetricMonitor(every_n_steps=5)]
     trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=30, log_every_n_steps=5, callbacks=monitors,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          logger=pl.loggers.TensorBoardLogger(root, name=accelerator, version=0), limit_val_batches=0)

@@ -8,6 +8,7 @@ ratio of mean times of the steps that were not sampled.
     OMP_NUM_THREADS=1 python bench/overhead.py                      # all workloads, intervals 1, 10, 50
     OMP_NUM_THREADS=1 python bench/overhead.py --workloads mlp --rounds 5 --intervals 50
     python bench/overhead.py --accelerator gpu --rounds 3                  # on one GPU
+    python bench/overhead.py --never-sampled --intervals 50                # + runs that never sample
 
 On a GPU the step times are host times at ``on_train_batch_start`` and the device is synchronised at the end
 of each run, so the amortized ratio is exact; the per-step split (unsampled, sampled extra) shows where the
@@ -23,7 +24,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytorch_lightning as pl  # noqa: E402
@@ -40,6 +41,7 @@ import logging  # noqa: E402
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+logging.getLogger("lightwatch").setLevel(logging.ERROR)  # the deep MLP trips act_dead; alerts are not measured here
 
 
 class StepTimer(pl.Callback):
@@ -58,22 +60,27 @@ class StepTimer(pl.Callback):
         return [b - a for a, b in zip(self.starts, self.starts[1:])]
 
 
-def monitors(interval: Optional[int], histograms: bool) -> List[pl.Callback]:
+NEVER = 10 ** 9  # an interval no run reaches: every step is an unsampled step
+Variant = Tuple[Optional[int], Optional[bool]]  # (interval or None for bare training, norm_every_step)
+
+
+def monitors(variant: Variant, histograms: bool) -> List[pl.Callback]:
+    interval, norm = variant
     if interval is None:
         return []
     hist = None if histograms else 0
-    return [GradientStatsMonitor(every_n_steps=interval, histogram_every_n_steps=hist),
+    return [GradientStatsMonitor(every_n_steps=interval, histogram_every_n_steps=hist, norm_every_step=norm),
             ActivationStatsMonitor(every_n_steps=interval, histogram_every_n_steps=hist)]
 
 
-def run_once(workload: str, interval: Optional[int], steps: int, histograms: bool, log_dir: str,
+def run_once(workload: str, variant: Variant, steps: int, histograms: bool, log_dir: str,
              accelerator: str = "cpu") -> List[float]:
     factory, loader = make(workload, steps)
     pl.seed_everything(0, verbose=False)
     timer = StepTimer()
     trainer = pl.Trainer(
         max_steps=steps, log_every_n_steps=50, accelerator=accelerator, devices=1, callbacks=[timer] + monitors(
-            interval, histograms), enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+            variant, histograms), enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         logger=pl.loggers.TensorBoardLogger(log_dir, name=workload), limit_val_batches=0,
     )
     trainer.fit(factory(), loader)
@@ -95,6 +102,10 @@ def main() -> None:
     ap.add_argument("--histograms", action="store_true", help="also write histograms (every 10 intervals)")
     ap.add_argument("--log-dir", default="/tmp/lightwatch-bench")
     ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--norm-every-step", default="auto", choices=["auto", "on", "off"],
+                    help="GradientStatsMonitor(norm_every_step=): auto is on for accelerators, off on the CPU")
+    ap.add_argument("--never-sampled", action="store_true",
+                    help="also time runs whose monitors never sample, with the per-step norm as set and off")
     args = ap.parse_args()
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
@@ -108,18 +119,23 @@ def main() -> None:
           "sampled-step extra (ms) |")
     print("|---|---|---|---|---|---|---|")
     for workload in args.workloads:
-        variants: List[Optional[int]] = [None] + list(args.intervals)
+        norm = {"auto": None, "on": True, "off": False}[args.norm_every_step]
+        variants: List[Variant] = [(None, None)] + [(i, norm) for i in args.intervals]
+        if args.never_sampled:
+            variants += [(NEVER, norm)] + ([(NEVER, False)] if norm is not False else [])
         for v in variants:  # warm-up of every variant
             run_once(workload, v, args.warmup + 5, args.histograms, args.log_dir, args.accelerator)
-        times: Dict[Optional[int], List[List[float]]] = {v: [] for v in variants}
+        times: Dict[Variant, List[List[float]]] = {v: [] for v in variants}
         for _ in range(args.rounds):
             order = variants[:]
             random.shuffle(order)
             for v in order:
-                times[v].append(run_once(workload, v, steps, args.histograms, args.log_dir, args.accelerator)[args.warmup:steps])
-        for interval in args.intervals:
+                run = run_once(workload, v, steps, args.histograms, args.log_dir, args.accelerator)
+                times[v].append(run[args.warmup:steps])
+        for variant in variants[1:]:
+            interval = variant[0]
             ratios, idle_ratios, extras, bare_means = [], [], [], []
-            for bare, watched in zip(times[None], times[interval]):
+            for bare, watched in zip(times[(None, None)], times[variant]):
                 first = args.warmup
                 sampled = [i for i in range(len(watched)) if (first + i + 1) % interval == 0]
                 unsampled = [i for i in range(len(watched)) if (first + i + 1) % interval != 0]
@@ -129,11 +145,15 @@ def main() -> None:
                 if unsampled:
                     idle_ratios.append(statistics.fmean(watched[i] for i in unsampled) /
                                        statistics.fmean(bare[i] for i in unsampled))
-                extras.append(statistics.fmean(watched[i] - bare[i] for i in sampled))
+                if sampled:
+                    extras.append(statistics.fmean(watched[i] - bare[i] for i in sampled))
             idle = f"{statistics.median(idle_ratios):.3f}" if idle_ratios else "n/a (every step sampled)"
-            print(f"| {WORKLOADS[workload]} | {interval} | {1e3 * statistics.median(bare_means):.1f} | "
-                  f"{statistics.median(ratios):.3f} | {iqr(ratios):.3f} | {idle} | "
-                  f"{1e3 * statistics.median(extras):.2f} |", flush=True)
+            label = "never" if interval == NEVER else str(interval)
+            if variant[1] is not None:
+                label += f", norm_every_step={variant[1]}"
+            extra = f"{1e3 * statistics.median(extras):.2f}" if extras else "-"
+            print(f"| {WORKLOADS[workload]} | {label} | {1e3 * statistics.median(bare_means):.1f} | "
+                  f"{statistics.median(ratios):.3f} | {iqr(ratios):.3f} | {idle} | {extra} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ logged step, at the end of an evaluation epoch, or when the buffer is full:
   shift, class imbalance, features that became constant, duplicates within a split and train-to-val
   leakage.
 
-See ``docs/data_quality.md`` for the checks, their defaults, the thresholds and the profile format.
+See the README section "Data quality" for the checks, their defaults, the thresholds and the profile format.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ from lightwatch.metrics import (
     psi,
     psi_threshold,
 )
+from lightwatch.metrics.histogram import quantile_edges, strictly_increasing
 from lightwatch.profile import DataProfile, FieldProfile, ProfileError, SplitProfile, dtype_name, parse_dtype
 
 __all__ = ["DataQualityMonitor", "CHECKS"]
@@ -372,14 +373,6 @@ def _feature_matrix(x: torch.Tensor, feature_dim: Optional[int], cap: int) -> to
         stride += 1 - stride % 2
         xm = xm[:, :, ::stride]
     return xm.transpose(1, 2).reshape(-1, xm.shape[1])
-
-
-def _nudge(edges: torch.Tensor) -> torch.Tensor:
-    """Make every row strictly increasing (equal neighbours moved apart by one ulp)."""
-    edges = edges.clone()
-    for j in range(1, edges.shape[-1]):
-        edges[..., j] = torch.maximum(edges[..., j], torch.nextafter(edges[..., j - 1], edges.new_tensor(math.inf)))
-    return edges
 
 
 def _copy_stat(stat: Any) -> Any:
@@ -815,15 +808,15 @@ class DataQualityMonitor(MonitorCallback):
                 self._edges[s.name] = ref.histogram.edges.to(torch.float64).cpu()
             else:
                 sample = _feature_matrix(t.detach(), s.feature_dim, self.max_values_per_sample)
-                edges = Histogram.from_quantiles(sample, bins=self.bins).edges.to(t.device)
-                from_data.append((s, edges))
+                from_data.append((s, quantile_edges(sample, bins=self.bins)))  # on the device, no host read
         if from_data:
             flat = torch.cat([e.reshape(-1) for _, e in from_data])
             if distributed_ready():  # once per run: every rank takes the mean of the ranks' quantiles
                 all_reduce_flat(flat, None)
                 flat /= world_size()
             for (s, e), part in zip(from_data, flat.split([e.numel() for _, e in from_data])):
-                self._edges[s.name] = _nudge(part.reshape(e.shape).cpu())
+                # stays on the device: copied to the host only when a profile or checkpoint is written
+                self._edges[s.name] = strictly_increasing(part.reshape(e.shape).clone())
         for s in specs:
             if s.name in sp.acc:
                 continue
@@ -834,7 +827,8 @@ class DataQualityMonitor(MonitorCallback):
                     shift = ref.moments.compute()["mean"]
                 for store in (sp.acc, sp.glob):
                     store[s.name] = Moments(num_features=s.num_features, shift=shift, device=sp.device)
-                    store[s.name + "\0hist"] = Histogram(self._edges[s.name].clone(), device=sp.device)
+                    # edges built here are valid by construction: no check, which would read them to the host
+                    store[s.name + "\0hist"] = Histogram(self._edges[s.name].clone(), device=sp.device, _trusted=True)
             else:
                 capacity = self._known_classes(s.name) or _LABEL_CAPACITY
                 for store in (sp.acc, sp.glob):

@@ -147,6 +147,14 @@ class GradientStatsMonitor(MonitorCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        self._resolve(trainer, pl_module)  # here for the errors: a selection that matches nothing fails early
+
+    def _resolve(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The selected parameters and every device-dependent choice.
+
+        Done again at fit start: ``setup`` runs before the strategy moves the model to its device and wraps it
+        (FSDP replaces parameters), so only then are the parameters and their device the final ones.
+        """
         selected = self.selection.parameters(pl_module)
         self._names = [n for n, _ in selected]
         self._params = [p for _, p in selected]
@@ -355,6 +363,7 @@ class GradientStatsMonitor(MonitorCallback):
 
     # ----------------------------------------------------------------------------- diagnoses
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._resolve(trainer, pl_module)
         if not self.diagnose or int(getattr(trainer, "global_step", 0)) > 0:  # resumed: weights are trained
             return
         frozen = [n for n, p in pl_module.named_parameters() if not p.requires_grad]

@@ -4,7 +4,7 @@ It is a Lightning :class:`~pytorch_lightning.callbacks.Checkpoint`, so the Train
 checkpoint callback (no default ``ModelCheckpoint`` is added, ``trainer.test(ckpt_path="best")`` uses it).
 Every file is committed atomically (temporary name in the same directory, fsync, ``os.replace``, directory
 fsync), recorded in ``manifest.json`` with its SHA-256 and size, and an older file is deleted only after the
-newer one is committed and recorded. See ``docs/metric_checkpoint.md`` for the guarantees and the format.
+newer one is committed and recorded. See the README section on ``MetricCheckpoint`` for the guarantees and the format.
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ class MetricMonitor(MonitorCallback):
     ``monitor.grad/_total/norm``, or a built-in value below), a ``kind`` (``threshold``, ``nonfinite``,
     ``plateau``, ``spike``, ``gap``, ``trend``), and what to do when it fires (``action``: ``log``, ``warn``,
     ``stop``, ``raise``, ``checkpoint``, ``skip_step``, ``rollback``, or any registered action). All keys are
-    listed in ``docs/metric_monitor.md`` and :class:`~lightwatch.core.rules.Rule`.
+    listed in the README section on ``MetricMonitor`` and :class:`~lightwatch.core.rules.Rule`.
 
     Built-in values, computed by this callback itself (no other callback or ``self.log`` needed):
 
