@@ -87,3 +87,10 @@ def test_saturated_activations(tmp_path: Any, seed: int) -> None:
         model.net[0].weight.mul_(100.0)
     alert = next(a for a in alerts_of(tmp_path, model, max_steps=10) if a["rule"] == "act_saturated")
     assert alert["subject"] == "net.1" and alert["step"] == 9
+
+
+def test_a_softmax_before_the_loss_is_named_at_the_first_check(tmp_path: Any, seed: int) -> None:
+    model = Classifier(depth=2)
+    model.net.append(torch.nn.Softmax(dim=-1))  # the bug: cross_entropy then sees probabilities, not logits
+    alert = next(a for a in alerts_of(tmp_path, model, max_steps=10) if a["rule"] == "output_probabilities")
+    assert (alert["subject"], alert["step"], alert["value"], alert["severity"]) == ("net.5", 4, 1.0, "warning")

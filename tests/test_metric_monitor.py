@@ -95,7 +95,7 @@ def test_no_alert_on_healthy_sequences(tmp_path: Any, seed: int) -> None:
 def test_no_arguments_on_a_plain_classifier_is_quiet_and_cheap(tmp_path: Any, seed: int) -> None:
     monitor = MetricMonitor()
     trainer = make_trainer(tmp_path, [monitor], max_steps=60, log_every_n_steps=5)
-    trainer.fit(Classifier(), make_loader(n=512))
+    trainer.fit(Classifier(lr=0.2), labelled_loader(shuffle_labels=False, n=512))  # labels it can learn
     assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite", "loss_spike"]
     assert read_alerts(str(tmp_path)) == []
     assert monitor.interval == 5  # follows Trainer(log_every_n_steps)
@@ -334,7 +334,56 @@ def test_the_per_step_spike_score_catches_a_one_step_loss_spike_between_checks(t
     assert min(scores) == 59 and scores[79] >= 15  # after a full window of 50 steps
     assert max(v for k, v in scores.items() if k != 79) < 15
 
-    healthy = MetricMonitor(every_n_steps=10, rules=STEP_SPIKE)
+    # random labels do not learn, which is loss_not_learning's business, not this test's
+    healthy = MetricMonitor(every_n_steps=10, rules={**STEP_SPIKE, "loss_not_learning": None})
     make_trainer(tmp_path / "healthy", [healthy], max_steps=100, log_every_n_steps=10).fit(
         SpikeAt(None), make_loader(n=2048, batch_size=32, seed=1))
     assert read_alerts(str(tmp_path / "healthy")) == []
+
+
+# ------------------------------------------------------------------------------- loss_not_learning
+def labelled_loader(shuffle_labels: bool, n: int = 256, seed: int = 0) -> Any:
+    """A learnable task (the label is the largest of the first three features), 16 steps an epoch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = x[:, :3].argmax(1)
+    if shuffle_labels:  # the fault: labels no longer belong to their inputs
+        y = y[torch.randperm(n, generator=g)]
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def not_learning_alerts(tmp_path: Any, model: pl.LightningModule, shuffle_labels: bool, callbacks: Sequence[Any] = (),
+                        **monitor_kwargs: Any) -> List[dict]:
+    trainer = make_trainer(tmp_path, [*callbacks, MetricMonitor(every_n_steps=5, **monitor_kwargs)], max_steps=80)
+    trainer.fit(model, labelled_loader(shuffle_labels))
+    return [a for a in read_alerts(str(tmp_path)) if a["severity"] != "info"]
+
+
+def test_a_run_that_does_not_learn_is_named_once_at_the_first_epoch_end_after_step_50(tmp_path: Any,
+                                                                                       seed: int) -> None:
+    (alert,) = not_learning_alerts(tmp_path, Classifier(lr=0.2), shuffle_labels=True)
+    assert (alert["rule"], alert["severity"], alert["subject"]) == ("loss_not_learning", "warning", "monitor.step/loss")
+    assert alert["step"] == 64 and alert["value"] >= 0.85  # epochs end at steps 16, 32, 48, 64
+    assert "labels may not be learnable" in alert["message"] and "against" in alert["message"]
+
+
+def test_a_learning_run_and_a_switched_off_check_stay_quiet(tmp_path: Any, seed: int) -> None:
+    assert not_learning_alerts(tmp_path / "healthy", Classifier(lr=0.2), shuffle_labels=False) == []
+    off = not_learning_alerts(tmp_path / "off", Classifier(lr=0.2), shuffle_labels=True,
+                              rules={"loss_not_learning": None})
+    assert off == []
+
+
+def test_not_learning_takes_the_name_of_an_earlier_finding_that_explains_it(tmp_path: Any, seed: int) -> None:
+    from lightwatch import GradientStatsMonitor
+
+    model = Classifier(lr=0.2)
+    for name, p in model.named_parameters():
+        if name != "net.4.bias":
+            p.requires_grad_(False)  # the bug: everything but the last bias frozen
+    alerts = not_learning_alerts(tmp_path, model, shuffle_labels=False, callbacks=[GradientStatsMonitor(every_n_steps=5)])
+    (alert,) = [a for a in alerts if a["source"] == "MetricMonitor"]
+    assert (alert["rule"], alert["subject"], alert["step"]) == ("frozen_parameters", "net.0.weight", 64)
+    assert "That is the likely cause" in alert["message"]

@@ -54,6 +54,14 @@ def first_tensor(output: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def _probability_rows(y: torch.Tensor, max_rows: int = 1024) -> torch.Tensor:
+    """Share of the rows (last dimension) of ``y`` that are probability vectors: in [0, 1], summing to 1."""
+    rows = y.reshape(-1, y.shape[-1])[:max_rows].float()
+    in_range = ((rows >= 0) & (rows <= 1)).all(-1)
+    sums_to_one = (rows.sum(-1) - 1).abs() <= 1e-3
+    return (in_range & sums_to_one).float().mean()
+
+
 def _saturation_mask(module: nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """For bounded activations: a function marking values within 1% of a bound."""
     if isinstance(module, (nn.Tanh, nn.Softsign)):
@@ -107,7 +115,9 @@ class ActivationStatsMonitor(MonitorCallback):
         nonfinite_severity: severity of ``act_nonfinite``.
         diagnose: warn about ``act_dead`` (a rectifier with more than 60% dead units for 3 checks in a row;
             healthy runs of the fault suite stay at or below 11%) and ``act_saturated`` (a bounded activation
-            with more than 50% of its outputs saturated for 2 checks; healthy at or below 10%).
+            with more than 50% of its outputs saturated for 2 checks; healthy at or below 10%), and, at the
+            first sampled step, ``output_probabilities`` (the last module's output rows are probability
+            vectors: a softmax before a loss that expects logits).
         prefix: first part of every tag.
         alert_cooldown_steps: at most one record per alert rule and subject in this many steps.
 
@@ -160,6 +170,10 @@ class ActivationStatsMonitor(MonitorCallback):
         self._rectifier: List[bool] = []
         self._counts: List[List[float]] = []
         self._units: Optional[List[int]] = None
+        # output_probabilities: the last module output of the first sampled step, and the agreed share of its
+        # rows that are probability vectors (read with the unit counts, once)
+        self._last_output: Optional[Tuple[int, torch.Tensor]] = None
+        self._probability_share: Optional[Tuple[int, float]] = None
         self._with_units: List[int] = []
         self._segment_ids: Optional[torch.Tensor] = None
         self._hist_mask: List[bool] = []
@@ -201,6 +215,8 @@ class ActivationStatsMonitor(MonitorCallback):
                 self._skipped.setdefault(self._names[index], type(output).__name__)
                 return
             self._record(index, y.detach(), saturation, channel_first)
+            if self._units is None and self.diagnose and y.dim() >= 2 and y.shape[-1] >= 2 and y.is_floating_point():
+                self._last_output = (index, y.detach())  # the last one to finish is the model's output
 
         return hook
 
@@ -272,6 +288,8 @@ class ActivationStatsMonitor(MonitorCallback):
         if self._sum is None:
             return
         packed = self._pack()
+        if self._probability_share is not None:
+            self._check_probabilities(trainer, pl_module)
         self._readback.submit(packed, (logging_step(trainer), list(self._order), self._hist_mask))
         self._order = [-1] * len(self._names)
         self._calls = 0
@@ -312,9 +330,16 @@ class ActivationStatsMonitor(MonitorCallback):
         collective; later steps pad or cut their per-unit flags to these sizes.
         """
         if self._units is None:
-            local = torch.tensor([float(a.numel()) if a is not None else 0.0 for a in self._alive], device=device)
-            all_reduce_flat(None, local)
-            self._units = [int(u) for u in local.tolist()]
+            local = torch.tensor([float(a.numel()) if a is not None else 0.0 for a in self._alive] + [0.0],
+                                 device=device)
+            if self._last_output is not None:
+                local[-1] = _probability_rows(self._last_output[1]).to(device)
+            all_reduce_flat(None, local)  # the same MAX also agrees on the probability share
+            agreed = local.tolist()
+            if self._last_output is not None:
+                self._probability_share = (self._last_output[0], agreed[-1])
+                self._last_output = None
+            self._units = [int(u) for u in agreed[:-1]]
             self._with_units = [i for i, u in enumerate(self._units) if u > 0]
             self._segment_ids = None
         return self._units
@@ -410,6 +435,22 @@ class ActivationStatsMonitor(MonitorCallback):
             )
 
     # ----------------------------------------------------------------------------- diagnoses
+    def _check_probabilities(self, trainer: Any, pl_module: Any) -> None:
+        """``output_probabilities``: the model's output rows are probability vectors (a softmax before the loss)."""
+        index, share = self._probability_share  # type: ignore[misc]
+        self._probability_share = None
+        if not share > 0.5:
+            return
+        name = self._names[index]
+        self.raise_alert(
+            trainer, pl_module, rule="output_probabilities", severity="warning", action="warn", subject=name,
+            value=share, threshold=0.5, message=(
+                f"the model's output (module '{name}', the last to run in the forward pass) is a probability "
+                f"distribution in {share:.0%} of its rows (every value in [0, 1], each row summing to 1): a softmax "
+                f"before a loss that expects logits (F.cross_entropy, nn.CrossEntropyLoss) caps how low the loss "
+                f"can go and shrinks the gradients. Return logits and let the loss apply log_softmax; if your loss "
+                f"takes probabilities on purpose, this is fine but numerically weaker than logits."))
+
     def _diagnose(self, trainer: Any, pl_module: Any, stats: List[Tuple[str, Dict[str, float]]], order: List[int],
                   step: int) -> None:
         """Dead rectifier units or saturated bounded activations that persist over consecutive checks."""

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightwatch.core.actions import MonitorWarning
+from lightwatch.core.alerts import alert_log
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.recovery import (
     Recovery,
@@ -27,6 +28,15 @@ __all__ = ["MetricMonitor", "default_rules"]
 
 _POINTS = ("every_step", "step", "validation", "epoch", "epoch_late")
 _NEGATIVE = "loss_negative"
+_NOT_LEARNING = "loss_not_learning"
+# loss_not_learning: checked once, at the first training-epoch end at or after this step, against the loss of
+# the first step. On the fault suite the loss at steps 40-59 is <= 0.25 of the first loss on healthy runs and
+# >= 0.91 on every not-learning fault (shuffled or noisy labels, frozen layers, learning rate / 1000, softmax
+# before the loss); 0.85 sits between, closer to the faults, since slow but real learning must stay quiet.
+_LEARNING_MIN_STEPS = 50
+_LEARNING_RATIO = 0.85
+# earlier findings that explain a loss that does not go down, most specific first: the alert is named after one
+_LEARNING_CAUSES = ("frozen_parameters", "grad_missing", "update_ratio_low", "output_probabilities")
 # Per-step spike score: robust z of each step's loss against the median/MAD of the previous 50 steps. On the
 # fault suite's healthy runs the largest z over a run was 1.3 to 8.1 (MAD floored at 1% of the median); a
 # learning rate x30 for two steps gave 28 to 77 (15 sits between). A check-level z never saw that spike.
@@ -170,7 +180,8 @@ class MetricMonitor(MonitorCallback):
         specs: Dict[str, Any] = dict(default_rules(prefix)) if builtin_rules else {}
         # `loss_negative` is a built-in check, not a rule: None switches it off, a rule of that name replaces it
         self.negative_loss_check = bool(builtin_rules) and _NEGATIVE not in user
-        specs.update({str(k): v for k, v in user.items() if not (k == _NEGATIVE and v is None)})
+        self.learning_check = bool(builtin_rules) and _NOT_LEARNING not in user
+        specs.update({str(k): v for k, v in user.items() if not (k in (_NEGATIVE, _NOT_LEARNING) and v is None)})
         self.rules = RuleSet(specs, where=where, default_cooldown=self.cooldown.steps)
         if snapshots is not None and (isinstance(snapshots, bool) or int(snapshots) != snapshots or snapshots < 0):
             raise ValueError(f"{where}: snapshots must be an integer >= 0 or None, got {snapshots!r}.")
@@ -188,16 +199,23 @@ class MetricMonitor(MonitorCallback):
         self.loss_metric = f"{prefix}.step/loss"
         self.grad_norm_metric = f"{prefix}.step/grad_norm"
         self.step_z_metric = f"{prefix}.step/loss_step_z"
-        self._builtins = (self.loss_metric, self.grad_norm_metric, self.step_z_metric)
+        self.first_loss_metric = f"{prefix}.step/loss_first"  # internal: the first step's loss, for loss_not_learning
+        self._builtins = (self.loss_metric, self.grad_norm_metric, self.step_z_metric, self.first_loss_metric)
         self._due: Dict[str, List[Rule]] = {p: self.rules.due(p) for p in _POINTS}
         self._names: Dict[int, List[str]] = {}  # metrics of each due list (they live as long as this callback)
         step_metrics = set(RuleSet.metrics_of(self._due["step"]))
         every_metrics = set(RuleSet.metrics_of(self._due["every_step"]))
         self._loss_every_step = self.loss_metric in every_metrics
-        self._loss_sampled = self.loss_metric in step_metrics or self.negative_loss_check
+        self._loss_sampled = self.loss_metric in step_metrics or self.negative_loss_check or self.learning_check
         # every step's loss is kept only when a rule reads the per-step spike score
         self.step_spike_check = any(self.step_z_metric in r.metrics for r in self.rules.rules)
         self._negative_since: Optional[int] = None  # first check that saw a negative loss
+        # loss_not_learning: the first step's loss (device, read with the first check), the reduced reference,
+        # the loss at the latest checks, and whether the one check is done
+        self._first_loss: Optional[torch.Tensor] = None
+        self._loss_reference: Optional[Tuple[int, float]] = None
+        self._recent_losses: List[Tuple[int, float]] = []
+        self._learning_checked = False
         # monitor.step/loss_step_z: every step's loss on the device, oldest overwritten; `_ring_count` steps written
         self._loss_ring: Optional[torch.Tensor] = None
         self._ring_count = 0
@@ -256,7 +274,9 @@ class MetricMonitor(MonitorCallback):
 
     # -------------------------------------------------------------------------------- hot path
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
-        if not (self._loss_every_step or self.step_spike_check or (self.sampled and self._loss_sampled)):
+        first = (self.learning_check and self._loss_reference is None and self._first_loss is None
+                 and not self._learning_checked and int(getattr(trainer, "global_step", 0)) == 0)
+        if not (first or self._loss_every_step or self.step_spike_check or (self.sampled and self._loss_sampled)):
             return
         value = loss.detach()
         if value.numel() != 1:
@@ -268,6 +288,8 @@ class MetricMonitor(MonitorCallback):
         if isinstance(scale, torch.Tensor):  # Lightning hands the hook the scaled loss under fp16 AMP
             value = value / scale.to(value.device)
         self._loss_acc = value if self._loss_acc is None else self._loss_acc + value
+        if first:  # kept on the device; it travels with the first check's read (no extra sync or collective)
+            self._first_loss = value.detach().clone()
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -347,6 +369,8 @@ class MetricMonitor(MonitorCallback):
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._check(trainer, pl_module, "epoch")
+        if self.learning_check and not self._learning_checked:
+            self._check_learning(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if int(getattr(trainer, "current_epoch", 0)) == 0 and not self._seen:
@@ -371,7 +395,8 @@ class MetricMonitor(MonitorCallback):
         snapshot = (point == "step" and self.recovery.ring.size > 0 and (step + 1) % self._snapshot_interval == 0
                     and not self.recovery.pending)
         negative = point == "step" and self.negative_loss_check
-        if not rules and not snapshot and not negative:
+        learning = point == "step" and self.learning_check and not self._learning_checked
+        if not rules and not snapshot and not negative and not learning:
             if point != "every_step":
                 self._write(trainer, step, counters=point == "step")
             return
@@ -380,6 +405,8 @@ class MetricMonitor(MonitorCallback):
         firings = self.rules.evaluate(point, rules, stats, new, step, epoch)
         if negative:
             self._check_negative_loss(trainer, pl_module, stats.get(self.loss_metric), step)
+        if point == "step" and self.learning_check and not self._learning_checked:
+            self._remember_learning(stats, step)
         self._seen.update(name for name, s in stats.items() if s.present)
         for rule in rules:
             if rule.last_score is not None and rule.last_point == point:
@@ -409,6 +436,59 @@ class MetricMonitor(MonitorCallback):
                 f"log_softmax. Use F.cross_entropy on the logits, or F.nll_loss on log_softmax outputs. If this loss "
                 f"can legitimately be negative, drop the check with rules={{'{_NEGATIVE}': None}}."))
 
+    def _remember_learning(self, stats: Dict[str, MetricStats], step: int) -> None:
+        """Keep the reduced first-step loss and the loss of the last three checks (host floats)."""
+        first = stats.get(self.first_loss_metric)
+        if self._loss_reference is None and first is not None and first.present and math.isfinite(first.mean):
+            self._loss_reference = (0, first.mean)
+            self._first_loss = None
+        loss = stats.get(self.loss_metric)
+        if loss is not None and loss.present and math.isfinite(loss.mean):
+            self._recent_losses = (self._recent_losses + [(step, loss.mean)])[-3:]
+
+    def _check_learning(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """``loss_not_learning``: once, at the first training-epoch end at or after step 50.
+
+        The median loss of the last three checks against the first step's loss (both reduced over ranks, so
+        every rank decides alike). At or above 0.85 of it, the run is not learning. The alert takes the name of
+        an earlier finding that explains it (frozen parameters, missing gradients, tiny updates, probabilities
+        fed to the loss) when there is one, and says so; otherwise it is ``loss_not_learning``.
+        """
+        step = logging_step(trainer)
+        if step < _LEARNING_MIN_STEPS or not self._recent_losses:
+            return
+        self._learning_checked = True
+        if self._loss_reference is None:
+            return  # resumed past the first step, or the first loss was not finite
+        _, first = self._loss_reference
+        recent = sorted(v for _, v in self._recent_losses)[len(self._recent_losses) // 2]
+        if first <= 0 or recent < _LEARNING_RATIO * first:
+            return
+        since = self._recent_losses[0][0]
+        head = (f"the training loss has not gone down: {recent:.4g} at steps {since}-{self._recent_losses[-1][0]} "
+                f"against {first:.4g} at step 0 ({recent / first:.0%} of it; healthy runs are well below "
+                f"{_LEARNING_RATIO:.0%} by step {_LEARNING_MIN_STEPS})")
+        earlier = {}
+        for alert in alert_log(trainer).history:
+            if alert.rule in _LEARNING_CAUSES and alert.rule not in earlier:
+                earlier[alert.rule] = alert
+        cause = next((earlier[r] for r in _LEARNING_CAUSES if r in earlier), None)
+        if cause is not None:
+            self.raise_alert(
+                trainer, pl_module, rule=cause.rule, severity="warning", action="warn", subject=cause.subject,
+                value=recent / first, threshold=_LEARNING_RATIO, message=(
+                    f"{head}, and at step {cause.step} {cause.source} found: {cause.message} That is the likely "
+                    f"cause."))
+            return
+        self.raise_alert(
+            trainer, pl_module, rule=_NOT_LEARNING, severity="warning", action="warn", subject=self.loss_metric,
+            value=recent / first, threshold=_LEARNING_RATIO, message=(
+                f"{head}. Gradients, update sizes and data checks raised nothing that explains it, so the labels "
+                f"may not be learnable from the inputs (shuffled, misaligned with their inputs, or very noisy), or "
+                f"the model or learning rate is far too small for the task. Check that inputs and labels are "
+                f"paired correctly; if the loss is expected to fall slowly (fine-tuning a trained model), drop the "
+                f"check with rules={{'{_NOT_LEARNING}': None}}."))
+
     def _fire(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", firing: Firing) -> None:
         rule, finding = firing.rule, firing.finding
         self.raise_alert(trainer, pl_module, rule=rule.name, severity=rule.severity, message=firing.message,
@@ -422,6 +502,8 @@ class MetricMonitor(MonitorCallback):
             return self._step_grad
         if name == self.step_z_metric:
             return self._step_spike_score()  # read once per check: it consumes the steps since the last one
+        if name == self.first_loss_metric:
+            return self._first_loss
         return metrics.get(name)
 
     def _read(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", rules: Sequence[Rule],
@@ -433,8 +515,11 @@ class MetricMonitor(MonitorCallback):
         names = self._names.get(id(rules))
         if names is None:
             names = RuleSet.metrics_of(rules)
-            if rules is self._due["step"] and self.negative_loss_check and self.loss_metric not in names:
-                names = names + [self.loss_metric]  # read by the loss_negative check
+            if rules is self._due["step"] and (self.negative_loss_check or self.learning_check):
+                # read by the built-in checks (loss_negative, loss_not_learning)
+                names = names + [n for n in (self.loss_metric,) if n not in names]
+                if self.learning_check:
+                    names = names + [self.first_loss_metric]
             self._names[id(rules)] = names
         metrics = trainer.callback_metrics if any(n not in self._builtins for n in names) else {}
         raw = [self._value(n, metrics) for n in names]
@@ -574,6 +659,9 @@ class MetricMonitor(MonitorCallback):
             "seen": sorted(self._seen),
             "warned": sorted(self._warned),
             "negative_since": self._negative_since,
+            "loss_reference": None if self._loss_reference is None else list(self._loss_reference),
+            "recent_losses": [list(x) for x in self._recent_losses],
+            "learning_checked": self._learning_checked,
         })
         return state
 
@@ -589,6 +677,10 @@ class MetricMonitor(MonitorCallback):
         self._warned = set(map(str, state_dict.get("warned", [])))
         since = state_dict.get("negative_since")
         self._negative_since = None if since is None else int(since)
+        ref = state_dict.get("loss_reference")
+        self._loss_reference = None if ref is None else (int(ref[0]), float(ref[1]))
+        self._recent_losses = [(int(a), float(b)) for a, b in state_dict.get("recent_losses", [])]
+        self._learning_checked = bool(state_dict.get("learning_checked", False))
 
 
 def _fitting(trainer: Any) -> bool:
