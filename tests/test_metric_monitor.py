@@ -89,14 +89,15 @@ def test_no_alert_on_healthy_sequences(tmp_path: Any, seed: int) -> None:
     trainer = make_trainer(tmp_path, [monitor], max_steps=45)
     trainer.fit(Scripted(scripted_series(faults=False)), make_loader(n=45 * 16))
     assert read_alerts(str(tmp_path)) == []
-    assert all(r.seen for r in monitor.rules.rules)
+    # loss_shift needs 60 steps of per-step losses before its first score; this run has 45
+    assert all(r.seen for r in monitor.rules.rules if r.name != "loss_shift")
 
 
 def test_no_arguments_on_a_plain_classifier_is_quiet_and_cheap(tmp_path: Any, seed: int) -> None:
     monitor = MetricMonitor()
     trainer = make_trainer(tmp_path, [monitor], max_steps=60, log_every_n_steps=5)
     trainer.fit(Classifier(lr=0.2), labelled_loader(shuffle_labels=False, n=512))  # labels it can learn
-    assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite", "loss_spike"]
+    assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite", "loss_spike", "loss_shift"]
     assert read_alerts(str(tmp_path)) == []
     assert monitor.interval == 5  # follows Trainer(log_every_n_steps)
     assert monitor.host_reads == 12 and monitor.collectives == 0  # one read per sampled step, nothing else
@@ -230,7 +231,7 @@ def test_bad_constructor_arguments_say_what_and_where() -> None:
     with pytest.raises(ValueError, match="lr_factor"):
         MetricMonitor(lr_factor=0.0)
     monitor = MetricMonitor(rules={"loss_spike": None}, builtin_rules=True)
-    assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite"]
+    assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite", "loss_shift"]
 
 
 def test_checkpoint_action_asks_metric_checkpoint_to_save(tmp_path: Any, seed: int) -> None:
@@ -280,7 +281,7 @@ def test_healthy_losses_and_a_switched_off_check_raise_no_negative_loss_alert(tm
     assert [a for a in read_alerts(str(tmp_path / "healthy")) if a["rule"] == "loss_negative"] == []
     monitor = MetricMonitor(every_n_steps=5, rules={"loss_negative": None})
     assert not monitor.negative_loss_check
-    assert sorted(r.name for r in monitor.rules.rules) == ["loss_nonfinite", "loss_spike"]
+    assert sorted(r.name for r in monitor.rules.rules) == ["loss_nonfinite", "loss_shift", "loss_spike"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MonitorWarning)
         trainer = make_trainer(tmp_path / "off", [monitor], max_steps=30)
@@ -289,7 +290,7 @@ def test_healthy_losses_and_a_switched_off_check_raise_no_negative_loss_alert(tm
 
 
 def test_the_negative_loss_check_runs_without_any_loss_rule(tmp_path: Any) -> None:
-    monitor = MetricMonitor(every_n_steps=5, rules={"loss_nonfinite": None, "loss_spike": None})
+    monitor = MetricMonitor(every_n_steps=5, rules={"loss_nonfinite": None, "loss_spike": None, "loss_shift": None})
     assert monitor.negative_loss_check and len(monitor.rules) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MonitorWarning)
@@ -315,7 +316,8 @@ STEP_SPIKE = {"loss_step_spike": {"metric": "monitor.step/loss_step_z", "kind": 
 
 
 def test_the_per_step_spike_score_catches_a_one_step_loss_spike_between_checks(tmp_path: Any) -> None:
-    assert not MetricMonitor().step_spike_check  # opt-in: no per-step work unless a rule reads it
+    # per-step losses are kept only when a rule reads a per-step score: the default loss_shift does
+    assert MetricMonitor().step_spike_check and not MetricMonitor(rules={"loss_shift": None}).step_spike_check
     monitor = MetricMonitor(every_n_steps=10, rules=STEP_SPIKE)
     assert monitor.step_spike_check
     with warnings.catch_warnings():
@@ -387,3 +389,36 @@ def test_not_learning_takes_the_name_of_an_earlier_finding_that_explains_it(tmp_
     (alert,) = [a for a in alerts if a["source"] == "MetricMonitor"]
     assert (alert["rule"], alert["subject"], alert["step"]) == ("frozen_parameters", "net.0.weight", 64)
     assert "That is the likely cause" in alert["message"]
+
+
+# ------------------------------------------------------------------------------------- loss_shift
+class LevelShiftAt(Classifier):
+    """From ``step`` on, the loss is five times higher: a spike that set training back, not one hard batch."""
+
+    def __init__(self, step: Optional[int]) -> None:
+        super().__init__(lr=0.2)
+        self.shift_step = step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.shift_step is not None and self.global_step >= self.shift_step:
+            loss = loss * 5
+        return loss
+
+
+def test_a_lasting_loss_jump_is_a_loss_shift_and_one_hard_batch_is_not(tmp_path: Any, seed: int) -> None:
+    monitor = MetricMonitor(every_n_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MonitorWarning)
+        make_trainer(tmp_path / "shift", [monitor], max_steps=90).fit(LevelShiftAt(70), labelled_loader(False, 1024))
+    (alert,) = [a for a in read_alerts(str(tmp_path / "shift")) if a["rule"] == "loss_shift"]
+    # the median of the last 10 steps moves once more than half of them are up: at the check of step 79
+    assert (alert["step"], alert["subject"], alert["severity"]) == (79, "monitor.step/loss_shift_z", "warning")
+    assert alert["value"] >= 4 and monitor.host_reads == 18  # the ring adds no read: one per check
+    acc = read_events(os.path.join(str(tmp_path / "shift"), "tb", "version_0"))
+    scores = scalars(acc, "monitor.rule/loss_shift/score")
+    assert min(scores) == 59  # after 50 + 10 steps of history
+
+    healthy = MetricMonitor(every_n_steps=5)
+    make_trainer(tmp_path / "healthy", [healthy], max_steps=90).fit(LevelShiftAt(None), labelled_loader(False, 1024))
+    assert read_alerts(str(tmp_path / "healthy")) == []

@@ -408,7 +408,7 @@ _DIAGNOSES: Dict[str, Tuple[str, ...]] = {
     "duplicated_samples": ("duplicate",),
     "class_imbalance": ("imbalance",),
     "covariate_shift": ("drift", "shift", "out_of_range"),
-    "loss_spike": ("spike",),
+    "loss_spike": ("spike", "loss_shift"),
 }
 
 FAULTS: Dict[str, Fault] = {f.name: dataclasses.replace(f, diagnoses=_DIAGNOSES[f.name]) for f in [

@@ -45,6 +45,12 @@ _STEP_SPIKE_WINDOW = 50
 # is a step far outside the recent range, not one more hard batch like those the window already holds.
 _STEP_SPIKE_NOVELTY = 2.0
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+# Level-shift score: the median loss of the steps since the last check (at least 10) against the median and MAD
+# (plus 1% of the median) of the 50 steps before them. A single hard batch does not move a median of ten; a
+# spike that damages the model does, for tens of steps. On the fault suite: 100 healthy runs at most 1.86 over
+# a whole run, a learning rate x30 for two steps 9.6 to 22 at the first check after it; 4 sits between.
+_SHIFT_RECENT_MIN = 10
+_SHIFT_Z = 4.0
 
 
 def default_rules(prefix: str = "monitor") -> Dict[str, Dict[str, Any]]:
@@ -56,9 +62,13 @@ def default_rules(prefix: str = "monitor") -> Dict[str, Dict[str, Any]]:
       row -> ``warning``, ``warn``. (A single check at z >= 8 happened about once in 14,000 checks of healthy
       small-batch runs, where a few misclassified samples make the batch loss heavy-tailed; two in a row did
       not happen.)
+    - ``loss_shift``: the median per-step loss since the last check is 4 robust standard deviations above the
+      median of the 50 steps before -> ``warning``, ``warn``: a spike that set training back, even when it
+      fell between two checks. It keeps every step's loss in a small ring on the device (one scalar copy a
+      step, no host read).
 
-    Both are checked every ``every_n_steps`` steps (no per-step cost). ``MetricMonitor`` also runs the built-in
-    ``loss_negative`` check at the same checks (see :class:`MetricMonitor`); it is not a rule of this list.
+    They are checked every ``every_n_steps`` steps. ``MetricMonitor`` also runs the built-in checks
+    ``loss_negative`` and ``loss_not_learning`` (see :class:`MetricMonitor`); they are not rules of this list.
     """
     loss = f"{prefix}.step/loss"
     return {
@@ -68,6 +78,8 @@ def default_rules(prefix: str = "monitor") -> Dict[str, Dict[str, Any]]:
                        "MetricCheckpoint, or MetricMonitor's in-memory snapshots)."},
         "loss_spike": {"metric": loss, "kind": "spike", "severity": "warning", "action": "warn", "check_on": ["step"],
                        "consecutive": 2},
+        "loss_shift": {"metric": f"{prefix}.step/loss_shift_z", "kind": "threshold", "above": _SHIFT_Z,
+                       "severity": "warning", "action": "warn", "check_on": ["step"]},
     }
 
 
@@ -199,16 +211,19 @@ class MetricMonitor(MonitorCallback):
         self.loss_metric = f"{prefix}.step/loss"
         self.grad_norm_metric = f"{prefix}.step/grad_norm"
         self.step_z_metric = f"{prefix}.step/loss_step_z"
+        self.shift_z_metric = f"{prefix}.step/loss_shift_z"
         self.first_loss_metric = f"{prefix}.step/loss_first"  # internal: the first step's loss, for loss_not_learning
-        self._builtins = (self.loss_metric, self.grad_norm_metric, self.step_z_metric, self.first_loss_metric)
+        self._builtins = (self.loss_metric, self.grad_norm_metric, self.step_z_metric, self.shift_z_metric,
+                          self.first_loss_metric)
         self._due: Dict[str, List[Rule]] = {p: self.rules.due(p) for p in _POINTS}
         self._names: Dict[int, List[str]] = {}  # metrics of each due list (they live as long as this callback)
         step_metrics = set(RuleSet.metrics_of(self._due["step"]))
         every_metrics = set(RuleSet.metrics_of(self._due["every_step"]))
         self._loss_every_step = self.loss_metric in every_metrics
         self._loss_sampled = self.loss_metric in step_metrics or self.negative_loss_check or self.learning_check
-        # every step's loss is kept only when a rule reads the per-step spike score
-        self.step_spike_check = any(self.step_z_metric in r.metrics for r in self.rules.rules)
+        # every step's loss is kept only when a rule reads a per-step score (the default loss_shift does)
+        self.step_spike_check = any(m in r.metrics for r in self.rules.rules
+                                    for m in (self.step_z_metric, self.shift_z_metric))
         self._negative_since: Optional[int] = None  # first check that saw a negative loss
         # loss_not_learning: the first step's loss (device, read with the first check), the reduced reference,
         # the loss at the latest checks, and whether the one check is done
@@ -216,10 +231,12 @@ class MetricMonitor(MonitorCallback):
         self._loss_reference: Optional[Tuple[int, float]] = None
         self._recent_losses: List[Tuple[int, float]] = []
         self._learning_checked = False
-        # monitor.step/loss_step_z: every step's loss on the device, oldest overwritten; `_ring_count` steps written
+        # loss_step_z, loss_shift_z: every step's loss on the device, oldest overwritten; `_ring_count` steps
+        # written; both scores are computed once per check (`_ring_scores`)
         self._loss_ring: Optional[torch.Tensor] = None
         self._ring_count = 0
         self._ring_checked = 0  # `_ring_count` at the previous check
+        self._scores_at: Optional[Tuple[int, Dict[str, Optional[torch.Tensor]]]] = None
         self._grad_every_step = self.grad_norm_metric in every_metrics
         self._grad_sampled = self.grad_norm_metric in step_metrics
         self._recovering = any(r.action in ("skip_step", "rollback") for r in self.rules.rules)
@@ -270,7 +287,7 @@ class MetricMonitor(MonitorCallback):
             uninstall_recovery(trainer, self.recovery)
             self._last_obj.clear()
             self._loss_acc = self._step_loss = self._step_grad = None
-            self._loss_ring, self._ring_count, self._ring_checked = None, 0, 0
+            self._loss_ring, self._ring_count, self._ring_checked, self._scores_at = None, 0, 0, None
 
     # -------------------------------------------------------------------------------- hot path
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -310,39 +327,71 @@ class MetricMonitor(MonitorCallback):
     def _remember_loss(self, loss: torch.Tensor) -> None:
         """Write this step's loss into the device ring: one small device copy, no host read."""
         if self._loss_ring is None or self._loss_ring.device != loss.device:
-            self._loss_ring = torch.zeros(_STEP_SPIKE_WINDOW + self.interval, device=loss.device)
+            self._loss_ring = torch.zeros(_STEP_SPIKE_WINDOW + max(self.interval, _SHIFT_RECENT_MIN),
+                                          device=loss.device)
             self._ring_count = self._ring_checked = 0
+            self._scores_at = None
         self._loss_ring[self._ring_count % self._loss_ring.numel()] = loss.reshape(())
         self._ring_count += 1
 
-    def _step_spike_score(self) -> Optional[torch.Tensor]:
-        """Largest robust z of the steps since the last check against the 50 steps before them (device scalar).
+    def _ring_scores(self) -> Dict[str, Optional[torch.Tensor]]:
+        """``loss_step_z`` and ``loss_shift_z`` of this check, computed once on the device (no host read).
 
-        ``None`` until a full window of earlier steps exists. Non-finite losses are left to ``loss_nonfinite``.
+        Both are ``None`` until a full window of earlier steps exists. Non-finite losses are left to
+        ``loss_nonfinite``: they count as missing, never as a spike.
         """
-        ring, count = self._loss_ring, self._ring_count
+        count = self._ring_count
+        if self._scores_at is not None and self._scores_at[0] == count:
+            return self._scores_at[1]
         new = count - self._ring_checked
         self._ring_checked = count
-        if ring is None or new <= 0:
-            return None
-        size = ring.numel()
-        new = min(new, size - _STEP_SPIKE_WINDOW)
+        scores: Dict[str, Optional[torch.Tensor]] = {"step_z": None, "shift_z": None}
+        ring = self._loss_ring
+        if ring is not None and new > 0:
+            scores["step_z"] = self._step_spike_score(ring, count, new)
+            scores["shift_z"] = self._shift_score(ring, count, new)
+        self._scores_at = (count, scores)
+        return scores
+
+    @staticmethod
+    def _chronological(ring: torch.Tensor, count: int, n: int) -> torch.Tensor:
+        """The last ``n`` losses written, oldest first."""
+        return ring[torch.arange(count - n, count, device=ring.device) % ring.numel()]
+
+    @staticmethod
+    def _robust_center(base: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Median and MAD of the finite values of ``base`` (NaN when there are none); no boolean indexing."""
+        finite = torch.where(torch.isfinite(base), base, torch.full_like(base, float("nan")))
+        median = finite.nanmedian()
+        return median, (finite - median).abs().nanmedian()
+
+    def _step_spike_score(self, ring: torch.Tensor, count: int, new: int) -> Optional[torch.Tensor]:
+        """Largest robust z of the steps since the last check against the 50 steps before them."""
+        new = min(new, ring.numel() - _STEP_SPIKE_WINDOW)
         if count - new < _STEP_SPIKE_WINDOW:
             return None
-        first = count - new - _STEP_SPIKE_WINDOW  # chronological positions first .. count-1
-        order = torch.arange(first, count, device=ring.device) % size
-        values = ring[order]
+        values = self._chronological(ring, count, new + _STEP_SPIKE_WINDOW)
         base, recent = values[:_STEP_SPIKE_WINDOW], values[_STEP_SPIKE_WINDOW:]
-        base = base[torch.isfinite(base)]
-        if base.numel() == 0:
-            return None
-        median = base.median()
-        scale = torch.maximum(_MAD_TO_SIGMA * (base - median).abs().median(), 0.01 * median.abs()).clamp_min(1e-12)
+        median, mad = self._robust_center(base)
+        scale = torch.maximum(_MAD_TO_SIGMA * mad, 0.01 * median.abs()).clamp_min(1e-12)
         z = (recent - median) / scale
-        novel = (recent - median) > _STEP_SPIKE_NOVELTY * (base.max() - median)
+        top = torch.where(torch.isfinite(base), base, torch.full_like(base, -float("inf"))).max()
+        novel = (recent - median) > _STEP_SPIKE_NOVELTY * (top - median)
         # NaN/Inf is loss_nonfinite's business; a step within the window's own range is no spike: both score 0
         z = torch.where(torch.isfinite(z) & novel, z, torch.zeros_like(z))
         return z.max()
+
+    def _shift_score(self, ring: torch.Tensor, count: int, new: int) -> Optional[torch.Tensor]:
+        """Robust z of the median loss of the recent steps against the 50 steps before them."""
+        recent_n = min(max(new, _SHIFT_RECENT_MIN), ring.numel() - _STEP_SPIKE_WINDOW)
+        if count - recent_n < _STEP_SPIKE_WINDOW:
+            return None
+        values = self._chronological(ring, count, recent_n + _STEP_SPIKE_WINDOW)
+        base, recent = values[:_STEP_SPIKE_WINDOW], values[_STEP_SPIKE_WINDOW:]
+        median, mad = self._robust_center(base)
+        level, _ = self._robust_center(recent)
+        z = (level - median) / (_MAD_TO_SIGMA * mad + 0.01 * median.abs() + 1e-12)
+        return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
 
     def _grad_norm(self, pl_module: "pl.LightningModule") -> Optional[torch.Tensor]:
         grads = [local_tensor(p.grad.detach()) for p in pl_module.parameters() if p.grad is not None]
@@ -501,7 +550,9 @@ class MetricMonitor(MonitorCallback):
         if name == self.grad_norm_metric:
             return self._step_grad
         if name == self.step_z_metric:
-            return self._step_spike_score()  # read once per check: it consumes the steps since the last one
+            return self._ring_scores()["step_z"]  # computed once per check from the steps since the last one
+        if name == self.shift_z_metric:
+            return self._ring_scores()["shift_z"]
         if name == self.first_loss_metric:
             return self._first_loss
         return metrics.get(name)
@@ -625,7 +676,8 @@ class MetricMonitor(MonitorCallback):
         # The model went back to its state after `restored_step` steps: what rules learned later is forgotten.
         self.rules.forget_after(record.restored_step)
         self._loss_acc = self._step_loss = self._step_grad = None
-        self._loss_ring, self._ring_count, self._ring_checked = None, 0, 0  # the history before is not this run's
+        # the history before is not this run's
+        self._loss_ring, self._ring_count, self._ring_checked, self._scores_at = None, 0, 0, None
 
     # ------------------------------------------------------------------------------- missing
     def _warn_missing(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
