@@ -120,7 +120,8 @@ def test_policies_set_cadence_actions_and_detail_as_documented():
         assert cb.nonfinite_action == "warn" and cb.top_k == 50 and cb.histogram_every_n_steps == 0
         assert cb.prefix == "monitor"
     assert default[MetricMonitor].every_n_steps is None
-    assert rule_actions(default[MetricMonitor]) == {"loss_nonfinite": "stop", "loss_spike": "warn", "loss_shift": "warn"}
+    assert rule_actions(default[MetricMonitor]) == {"loss_nonfinite": "stop", "loss_spike": "warn",
+                                                    "loss_shift": "warn"}
     assert {r.metric for r in default[MetricMonitor].rules.rules} == {"monitor.step/loss", "monitor.step/loss_shift_z"}
     checks = default[DataQualityMonitor].checks
     assert default[DataQualityMonitor].distribution and default[DataQualityMonitor].duplicates

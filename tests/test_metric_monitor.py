@@ -385,7 +385,8 @@ def test_not_learning_takes_the_name_of_an_earlier_finding_that_explains_it(tmp_
     for name, p in model.named_parameters():
         if name != "net.4.bias":
             p.requires_grad_(False)  # the bug: everything but the last bias frozen
-    alerts = not_learning_alerts(tmp_path, model, shuffle_labels=False, callbacks=[GradientStatsMonitor(every_n_steps=5)])
+    alerts = not_learning_alerts(tmp_path, model, shuffle_labels=False,
+                                 callbacks=[GradientStatsMonitor(every_n_steps=5)])
     (alert,) = [a for a in alerts if a["source"] == "MetricMonitor"]
     assert (alert["rule"], alert["subject"], alert["step"]) == ("frozen_parameters", "net.0.weight", 64)
     assert "That is the likely cause" in alert["message"]

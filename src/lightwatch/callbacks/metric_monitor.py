@@ -188,7 +188,8 @@ class MetricMonitor(MonitorCallback):
         user = plain(rules) if rules is not None else {}
         if not isinstance(user, Mapping):
             raise ValueError(f"{where}: rules must be a mapping of rule name to settings, e.g. "
-                             f"{{'val_plateau': {{'metric': 'val/loss', 'kind': 'plateau'}}}}; got {type(user).__name__}.")
+                             f"{{'val_plateau': {{'metric': 'val/loss', 'kind': 'plateau'}}}}; "
+                             f"got {type(user).__name__}.")
         specs: Dict[str, Any] = dict(default_rules(prefix)) if builtin_rules else {}
         # `loss_negative` is a built-in check, not a rule: None switches it off, a rule of that name replaces it
         self.negative_loss_check = bool(builtin_rules) and _NEGATIVE not in user
