@@ -114,11 +114,21 @@ class MetricMonitor(MonitorCallback):
     those 50 steps (other steps score 0). Only when a rule watches it, every step's loss is kept on the device
     in a small ring (no host read between checks), so a one- or two-step spike that falls between checks is
     seen, which a rule on
-    ``monitor.step/loss`` (one value per check) cannot do. It is not in the default rules: on the fault suite a
-    threshold of 15 separates healthy runs (<= 8.1) from a planted spike (>= 28), but on a healthy small MLP
-    whose loss late in training is near 0 single hard batches reached 22 to 30. To use it:
-    ``rules={"loss_step_spike": {"metric": "monitor.step/loss_step_z", "kind": "threshold", "above": 15,
-    "check_on": ["step"]}}``.
+    ``monitor.step/loss`` (one value per check) cannot do. It is not in the default rules: single hard batches
+    of healthy runs score as high as real spikes (27.5 on one of the fault suite's 100 healthy runs, 28.5 on
+    the mildest planted spike). To use it: ``rules={"loss_step_spike": {"metric": "monitor.step/loss_step_z",
+    "kind": "threshold", "above": 15, "check_on": ["step"]}}``.
+
+    Built-in value for lasting jumps, ``monitor.step/loss_shift_z``, read by the default rule ``loss_shift``: the
+    median loss of the steps since the previous check (at least 10) against the median and MAD (plus 1% of the
+    median) of the 50 steps before them, from the same device ring.
+
+    Built-in check ``loss_not_learning`` (on by default, with the built-in rules): once, at the first
+    training-epoch end at or after step 50, the median loss of the last three step checks is still at least 85%
+    of the first step's loss. The alert is named after an earlier finding that explains it
+    (``frozen_parameters``, ``grad_missing``, ``update_ratio_low``, ``output_probabilities``) when one was
+    raised, else ``loss_not_learning``. Switch it off with ``rules={"loss_not_learning": None}`` (fine-tuning a
+    model whose loss is expected to fall slowly).
 
     When rules are checked (``check_on``): ``step`` every ``every_n_steps`` optimizer steps (on
     ``on_train_batch_end``, at the step ``self.log`` curves use), ``validation`` at validation end, ``epoch`` at
