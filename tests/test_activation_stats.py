@@ -188,3 +188,19 @@ def test_hooks_work_under_torch_compile_without_recompiling_each_sample(tmp_path
     counters = torch._dynamo.utils.counters
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] <= 3  # gated off, gated on: not one graph per sampled step
+
+
+def test_hooks_are_on_the_modules_only_during_sampled_steps_unless_compiled(tmp_path: Any, seed: int) -> None:
+    seen: List[int] = []
+
+    class Probe(pl.Callback):  # after the monitor: sees the hooks as the forward pass saw them
+        def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+            seen.append(len(pl_module.net[0]._forward_hooks))
+
+    monitor = ActivationStatsMonitor(every_n_steps=5)
+    trainer = make_trainer(tmp_path, [monitor, Probe()], max_steps=10, log_every_n_steps=5)
+    model = Classifier(depth=1)
+    trainer.fit(model, make_loader())
+    assert seen == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1]  # steps 4 and 9 are sampled
+    assert all(not m._forward_hooks for m in model.modules())  # and none are left behind
+    assert sorted(scalars(read_events(trainer.log_dir), "monitor.act/net.0/mean")) == [4, 9]
