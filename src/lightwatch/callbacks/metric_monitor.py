@@ -239,7 +239,7 @@ class MetricMonitor(MonitorCallback):
         # loss_not_learning: the first step's loss (device, read with the first check), the reduced reference,
         # the loss at the latest checks, and whether the one check is done
         self._first_loss: Optional[torch.Tensor] = None
-        self._loss_reference: Optional[Tuple[int, float]] = None
+        self._loss_reference: Optional[float] = None
         self._recent_losses: List[Tuple[int, float]] = []
         self._learning_checked = False
         # loss_step_z, loss_shift_z: every step's loss on the device, oldest overwritten; `_ring_count` steps
@@ -465,7 +465,7 @@ class MetricMonitor(MonitorCallback):
         firings = self.rules.evaluate(point, rules, stats, new, step, epoch)
         if negative:
             self._check_negative_loss(trainer, pl_module, stats.get(self.loss_metric), step)
-        if point == "step" and self.learning_check and not self._learning_checked:
+        if learning:
             self._remember_learning(stats, step)
         self._seen.update(name for name, s in stats.items() if s.present)
         for rule in rules:
@@ -500,7 +500,7 @@ class MetricMonitor(MonitorCallback):
         """Keep the reduced first-step loss and the loss of the last three checks (host floats)."""
         first = stats.get(self.first_loss_metric)
         if self._loss_reference is None and first is not None and first.present and math.isfinite(first.mean):
-            self._loss_reference = (0, first.mean)
+            self._loss_reference = first.mean
             self._first_loss = None
         loss = stats.get(self.loss_metric)
         if loss is not None and loss.present and math.isfinite(loss.mean):
@@ -520,7 +520,7 @@ class MetricMonitor(MonitorCallback):
         self._learning_checked = True
         if self._loss_reference is None:
             return  # resumed past the first step, or the first loss was not finite
-        _, first = self._loss_reference
+        first = self._loss_reference
         recent = sorted(v for _, v in self._recent_losses)[len(self._recent_losses) // 2]
         if first <= 0 or recent < _LEARNING_RATIO * first:
             return
@@ -722,7 +722,7 @@ class MetricMonitor(MonitorCallback):
             "seen": sorted(self._seen),
             "warned": sorted(self._warned),
             "negative_since": self._negative_since,
-            "loss_reference": None if self._loss_reference is None else list(self._loss_reference),
+            "loss_reference": self._loss_reference,
             "recent_losses": [list(x) for x in self._recent_losses],
             "learning_checked": self._learning_checked,
         })
@@ -741,7 +741,7 @@ class MetricMonitor(MonitorCallback):
         since = state_dict.get("negative_since")
         self._negative_since = None if since is None else int(since)
         ref = state_dict.get("loss_reference")
-        self._loss_reference = None if ref is None else (int(ref[0]), float(ref[1]))
+        self._loss_reference = None if ref is None else float(ref)
         self._recent_losses = [(int(a), float(b)) for a, b in state_dict.get("recent_losses", [])]
         self._learning_checked = bool(state_dict.get("learning_checked", False))
 
