@@ -39,12 +39,12 @@ class OutputRecorder(pl.Callback):
 
 
 def test_values_match_direct_computation(tmp_path: Any, seed: int) -> None:
-    recorder = OutputRecorder(steps=[4, 9])
+    recorder = OutputRecorder(steps=[0, 4, 9])
     monitor = ActivationStatsMonitor(histogram_every_n_steps=10)
     trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=10, log_every_n_steps=5)
     trainer.fit(Classifier(depth=2), make_loader())
     acc = read_events(trainer.log_dir)
-    for step in (4, 9):
+    for step in (0, 4, 9):  # step 0: the initialised model, sampled before the first optimizer step
         for name, y in recorder.outputs[step].items():
             assert scalars(acc, f"monitor.act/{name}/mean")[step] == pytest.approx(y.mean().item(), abs=1e-6)
             assert scalars(acc, f"monitor.act/{name}/std")[step] == pytest.approx(y.std(unbiased=False).item(),
@@ -61,7 +61,7 @@ def test_values_match_direct_computation(tmp_path: Any, seed: int) -> None:
     assert [h.step for h in hist] == [9]
     assert hist[0].histogram_value.num == recorder.outputs[9]["net.1"].numel()
     # Nothing is sampled during validation or on other steps.
-    assert sorted(scalars(acc, "monitor.act/net.0/mean")) == [4, 9]
+    assert sorted(scalars(acc, "monitor.act/net.0/mean")) == [0, 4, 9]
 
 
 def test_dead_units_and_saturation(tmp_path: Any, seed: int) -> None:
@@ -169,7 +169,7 @@ def test_hooks_do_nothing_outside_sampled_training_steps(tmp_path: Any, seed: in
     trainer = make_trainer(tmp_path, [monitor], max_steps=10, log_every_n_steps=5, limit_val_batches=2,
                            val_check_interval=5)
     trainer.fit(Classifier(depth=1), make_loader(), make_loader(n=32))
-    assert len(calls) == 2 * 3  # two sampled steps x three leaf modules, none in validation
+    assert len(calls) == 3 * 3  # steps 0, 4 and 9 x three leaf modules, none in validation
 
 
 def test_hooks_work_under_torch_compile_without_recompiling_each_sample(tmp_path: Any, seed: int) -> None:
@@ -184,7 +184,7 @@ def test_hooks_work_under_torch_compile_without_recompiling_each_sample(tmp_path
     trainer = make_trainer(tmp_path, [ActivationStatsMonitor(every_n_steps=5)], max_steps=30, log_every_n_steps=5)
     trainer.fit(Compiled(), make_loader(n=640))
     acc = read_events(trainer.log_dir)
-    assert sorted(scalars(acc, "monitor.act/net.1/mean")) == [4, 9, 14, 19, 24, 29]
+    assert sorted(scalars(acc, "monitor.act/net.1/mean")) == [0, 4, 9, 14, 19, 24, 29]
     counters = torch._dynamo.utils.counters
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] <= 3  # gated off, gated on: not one graph per sampled step
@@ -201,6 +201,6 @@ def test_hooks_are_on_the_modules_only_during_sampled_steps_unless_compiled(tmp_
     trainer = make_trainer(tmp_path, [monitor, Probe()], max_steps=10, log_every_n_steps=5)
     model = Classifier(depth=1)
     trainer.fit(model, make_loader())
-    assert seen == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1]  # steps 4 and 9 are sampled
+    assert seen == [1, 0, 0, 0, 1, 0, 0, 0, 0, 1]  # steps 0 (the initialised model), 4 and 9 are sampled
     assert all(not m._forward_hooks for m in model.modules())  # and none are left behind
-    assert sorted(scalars(read_events(trainer.log_dir), "monitor.act/net.0/mean")) == [4, 9]
+    assert sorted(scalars(read_events(trainer.log_dir), "monitor.act/net.0/mean")) == [0, 4, 9]

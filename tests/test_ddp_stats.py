@@ -40,10 +40,11 @@ def test_ddp_statistics_agree_and_each_file_is_written_once(tmp_path: Any) -> No
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 10
 
     # Collectives: none on steps that are not sampled, one SUM + one MAX per sampled step (activations;
-    # gradients need none under DDP), plus one MAX at the first sampled step to agree on unit counts.
+    # gradients need none under DDP), plus one MAX at the first sampled step (step 0, the initialised model)
+    # to agree on unit counts.
     for r in ranks:
         per_step = {int(k): v for k, v in r["collectives"].items()}
-        assert per_step == {4: 3, 9: 2}, per_step
+        assert per_step == {0: 3, 4: 2, 9: 2}, per_step
 
     # Every rank holds the same reduced values; the activation mean is over both ranks' batches.
     assert ranks[0]["metrics"] == pytest.approx(ranks[1]["metrics"], nan_ok=True)

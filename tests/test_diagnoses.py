@@ -12,8 +12,9 @@ from lightwatch import ActivationStatsMonitor, GradientStatsMonitor
 
 
 def alerts_of(tmp_path: Any, model: pl.LightningModule, max_steps: int = 20, every: int = 5,
-              **trainer_kwargs: Any) -> List[dict]:
-    monitors = [GradientStatsMonitor(every_n_steps=every), ActivationStatsMonitor(every_n_steps=every)]
+              first_step: bool = True, **trainer_kwargs: Any) -> List[dict]:
+    monitors = [GradientStatsMonitor(every_n_steps=every, check_first_step=first_step),
+                ActivationStatsMonitor(every_n_steps=every, check_first_step=first_step)]
     trainer = make_trainer(tmp_path, monitors, max_steps=max_steps, log_every_n_steps=every, **trainer_kwargs)
     trainer.fit(model, make_loader(n=256, seed=1))
     return read_alerts(str(tmp_path))
@@ -71,26 +72,59 @@ def test_frozen_and_unused_parameters_are_reported_at_info(tmp_path: Any, seed: 
     assert got["grad_missing"]["severity"] == "info" and got["grad_missing"]["subject"] == "unused.weight"
 
 
-def test_dead_units_must_persist(tmp_path: Any, seed: int) -> None:
-    model = Classifier(depth=2, hidden=16)
-    with torch.no_grad():
+def _killed(model: Classifier) -> Classifier:
+    with torch.no_grad():  # 14 of 16 units of the second layer can never fire
         model.net[2].weight[:14] = 0.0
         model.net[2].bias[:14] = -10.0
-    alerts = alerts_of(tmp_path, model, max_steps=20)
+    return model
+
+
+def test_dead_units_at_initialisation_are_named_before_the_first_update(tmp_path: Any, seed: int) -> None:
+    dead = [a for a in alerts_of(tmp_path, _killed(Classifier(depth=2, hidden=16))) if a["rule"] == "act_dead"]
+    assert len(dead) == 1 and (dead[0]["subject"], dead[0]["step"]) == ("net.3", 0)  # not again at later checks
+    assert "at initialisation" in dead[0]["message"]
+
+
+def test_dead_units_must_persist_during_training(tmp_path: Any, seed: int) -> None:
+    alerts = alerts_of(tmp_path, _killed(Classifier(depth=2, hidden=16)), max_steps=20, first_step=False)
     dead = [a for a in alerts if a["rule"] == "act_dead"]
     assert len(dead) == 1 and dead[0]["subject"] == "net.3" and dead[0]["step"] == 14  # third check in a row
 
 
-def test_saturated_activations(tmp_path: Any, seed: int) -> None:
+@pytest.mark.parametrize("first_step, step", [(True, 0), (False, 9)])
+def test_saturated_activations(tmp_path: Any, seed: int, first_step: bool, step: int) -> None:
     model = Classifier(depth=1, hidden=16, activation="tanh")
     with torch.no_grad():
         model.net[0].weight.mul_(100.0)
-    alert = next(a for a in alerts_of(tmp_path, model, max_steps=10) if a["rule"] == "act_saturated")
-    assert alert["subject"] == "net.1" and alert["step"] == 9
+    alerts = alerts_of(tmp_path, model, max_steps=10, first_step=first_step)
+    alert = next(a for a in alerts if a["rule"] == "act_saturated")
+    assert alert["subject"] == "net.1" and alert["step"] == step  # at init one reading; later two in a row
 
 
-def test_a_softmax_before_the_loss_is_named_at_the_first_check(tmp_path: Any, seed: int) -> None:
+def test_a_softmax_before_the_loss_is_named_before_the_first_update(tmp_path: Any, seed: int) -> None:
     model = Classifier(depth=2)
     model.net.append(torch.nn.Softmax(dim=-1))  # the bug: cross_entropy then sees probabilities, not logits
     alert = next(a for a in alerts_of(tmp_path, model, max_steps=10) if a["rule"] == "output_probabilities")
-    assert (alert["subject"], alert["step"], alert["value"], alert["severity"]) == ("net.5", 4, 1.0, "warning")
+    assert (alert["subject"], alert["step"], alert["value"], alert["severity"]) == ("net.5", 0, 1.0, "warning")
+
+
+def test_activations_exploding_through_depth_at_initialisation(tmp_path: Any, seed: int) -> None:
+    model = Classifier(depth=6, hidden=32)
+    with torch.no_grad():
+        for layer in model.net:
+            if isinstance(layer, torch.nn.Linear):
+                torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                layer.weight.mul_(2.0)  # twice the He gain per layer: x2 RMS per layer through six layers
+    alerts = alerts_of(tmp_path, model, max_steps=5)
+    growth = [a for a in alerts if a["rule"] == "act_exploding"]
+    assert len(growth) == 1 and growth[0]["step"] == 0 and growth[0]["severity"] == "warning"
+    assert growth[0]["subject"] == "net.11" and growth[0]["value"] > 10
+
+
+def test_activations_at_a_healthy_initialisation_do_not_grow(tmp_path: Any, seed: int) -> None:
+    model = Classifier(depth=6, hidden=32)
+    with torch.no_grad():
+        for layer in model.net:
+            if isinstance(layer, torch.nn.Linear):
+                torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")  # He init: RMS stays level
+    assert "act_exploding" not in rules(alerts_of(tmp_path, model, max_steps=5), severity="info")

@@ -153,7 +153,7 @@ def test_dead_units_show_in_the_dead_fraction_of_the_relu_after_the_layer(tmp_pa
     assert dead.planted == ["32 of 64 units of 'net.0' killed at step 0"]
     before = scalars(read_events(healthy.log_dir), "monitor.act/net.1/dead_frac")
     after = scalars(read_events(broken.log_dir), "monitor.act/net.1/dead_frac")
-    assert sorted(after) == [1, 3, 5] and all(v >= 0.5 for v in after.values())
+    assert sorted(after) == [0, 1, 3, 5] and all(v >= 0.5 for v in after.values())  # step 0: as initialised
     assert all(v < 0.25 for v in before.values())
 
 
@@ -218,7 +218,7 @@ def test_the_app_runs_end_to_end_and_its_alerts_show_the_fault(tmp_path):
     assert "policy:      monitor=strict" in out and "fault=nan_batch" in out
     # The monitors' own curves, at the overridden cadence, stop where training stopped.
     acc = read_events(run_dir)
-    assert sorted(scalars(acc, "monitor.grad/_total/norm")) == [4, 9]
+    assert sorted(scalars(acc, "monitor.grad/_total/norm")) == [0, 4, 9]  # step 0: the initialised model
     assert scalars(acc, "monitor.grad/_total/nonfinite_steps")[9] == 3  # steps 7, 8, 9
     assert os.path.exists(os.path.join(run_dir, ".hydra", "config.yaml"))
 
@@ -242,5 +242,5 @@ def test_the_default_config_trains_well_and_raises_no_alert(tmp_path):
     acc = read_events(result.out_dir)
     val_acc = scalars(acc, "val/acc")
     assert val_acc[max(val_acc)] > 0.85 and result.val_loss is not None
-    assert len(scalars(acc, "monitor.grad/_total/norm")) == 27  # 135 steps, every 5 (log_every_n_steps)
-    assert len(scalars(acc, "monitor.act/net.1/dead_frac")) == 27
+    assert len(scalars(acc, "monitor.grad/_total/norm")) == 28  # 135 steps, every 5 (log_every_n_steps), and 0
+    assert len(scalars(acc, "monitor.act/net.1/dead_frac")) == 28

@@ -37,10 +37,10 @@ def test_values_match_independent_computation(tmp_path: Any, seed: int) -> None:
     trainer.fit(Classifier(), make_loader())
     acc = read_events(trainer.log_dir)
 
-    logged_steps = [4, 9, 14, 19]
+    logged_steps = [0, 4, 9, 14, 19]  # step 0: the initialised model, before the first optimizer step
     assert sorted(scalars(acc, "monitor.grad/_total/norm")) == logged_steps
-    assert sorted(scalars(acc, "train/loss")) == logged_steps  # same step axis as self.log
-    for step in logged_steps:
+    assert sorted(scalars(acc, "train/loss")) == logged_steps[1:]  # same step axis as self.log
+    for previous, step in zip([-1] + logged_steps, logged_steps):
         grads, before, after = recorder.grads[step], recorder.before[step], recorder.after[step]
         for name, g in grads.items():
             assert scalars(acc, f"monitor.grad/{name}/norm")[step] == pytest.approx(g.norm().item(), rel=1e-5)
@@ -52,7 +52,7 @@ def test_values_match_independent_computation(tmp_path: Any, seed: int) -> None:
         total = math.sqrt(sum(g.norm().item() ** 2 for g in grads.values()))
         assert scalars(acc, "monitor.grad/_total/norm")[step] == pytest.approx(total, rel=1e-5)
         interval = [math.sqrt(sum(g.norm().item() ** 2 for g in recorder.grads[s].values()))
-                    for s in range(step - 4, step + 1)]
+                    for s in range(previous + 1, step + 1)]  # the steps since the previous sample
         assert scalars(acc, "monitor.grad/_total/norm_max")[step] == pytest.approx(max(interval), rel=1e-5)
 
     # Histograms only every 10 steps (a multiple of the interval), with every gradient value counted.
@@ -119,7 +119,7 @@ def test_raise_action_stops_with_monitor_error(tmp_path: Any, seed: int) -> None
 
     trainer = make_trainer(tmp_path, [PoisonGrad(), GradientStatsMonitor(nonfinite_action="raise")], max_steps=10,
                            log_every_n_steps=5)
-    with pytest.raises(MonitorError, match=r"grad_nonfinite.*step 4.*net\.0\.bias"):
+    with pytest.raises(MonitorError, match=r"grad_nonfinite.*step 0.*net\.0\.bias"):  # step 0 is checked too
         trainer.fit(Classifier(), make_loader())
 
 

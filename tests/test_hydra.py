@@ -405,8 +405,8 @@ def test_instantiate_monitors_accepts_plain_dicts_and_the_root_config_and_reject
 # ------------------------------------------------------------------------------------------ short fits
 @pytest.mark.parametrize("policy,sampled,histograms", [
     ("off", [], False),
-    ("default", [4, 9], False),     # Trainer(log_every_n_steps=5)
-    ("strict", [9], False),         # every 10 steps
+    ("default", [0, 4, 9], False),  # Trainer(log_every_n_steps=5), and step 0: the initialised model
+    ("strict", [0, 9], False),      # every 10 steps, and step 0
     ("debug", list(range(10)), True),  # every step, histograms every 10
 ])
 def test_a_short_fit_runs_with_each_policy(tmp_path, seed, policy, sampled, histograms):

@@ -169,6 +169,7 @@ class GradStatsConf:
     diagnose: bool = True
     prefix: str = "monitor"
     alert_cooldown_steps: int = 100
+    check_first_step: bool = True
 
 
 @dataclass
@@ -189,6 +190,7 @@ class ActStatsConf:
     diagnose: bool = True
     prefix: str = "monitor"
     alert_cooldown_steps: int = 100
+    check_first_step: bool = True
 
 
 @dataclass

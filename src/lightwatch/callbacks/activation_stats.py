@@ -29,6 +29,15 @@ _C_N, _C_SAMPLE, _C_CALLS = range(3)
 _COUNT_WIDTH = 3
 # Modules whose outputs are exactly zero for inactive units: where "dead units" mean something.
 _RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.Threshold, nn.Hardswish, nn.Hardshrink, nn.Softshrink)
+# Element-wise activation functions: the layers whose output scale through depth says whether the initialisation
+# keeps signals stable (the "hidden activations" of act_exploding).
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softsign,
+                nn.Tanhshrink, nn.LogSigmoid, nn.Threshold)
+# act_exploding: at initialisation, the RMS of the last hidden activation over the first one's, with at least
+# this many activation layers (with two, a ratio says more about the input scale than about depth).
+_GROWTH_BOUND = 10.0
+_GROWTH_MIN_LAYERS = 3
 _CHANNEL_FIRST = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
                   "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
                   "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
@@ -126,9 +135,15 @@ class ActivationStatsMonitor(MonitorCallback):
             healthy runs of the fault suite stay at or below 11%) and ``act_saturated`` (a bounded activation
             with more than 50% of its outputs saturated for 2 checks; healthy at or below 10%), and, at the
             first sampled step, ``output_probabilities`` (the last module's output rows are probability
-            vectors: a softmax before a loss that expects logits).
+            vectors: a softmax before a loss that expects logits). At step 0 (``check_first_step``) the model
+            is as initialised, where no learning dynamics add noise: a single reading over those bounds is
+            enough for ``act_dead`` and ``act_saturated``, and ``act_exploding`` warns when the RMS of the
+            last activation layer is more than 10x the first one's (3 or more activation layers): weights
+            too large for the depth.
         prefix: first part of every tag.
         alert_cooldown_steps: at most one record per alert rule and subject in this many steps.
+        check_first_step: also sample step 0 of a fresh fit (the initialised model, before the first
+            optimizer step); one extra sampled step per fit.
 
     Example:
         >>> from lightwatch.callbacks import ActivationStatsMonitor
@@ -151,8 +166,9 @@ class ActivationStatsMonitor(MonitorCallback):
         diagnose: bool = True,
         prefix: str = "monitor",
         alert_cooldown_steps: int = 100,
+        check_first_step: bool = True,
     ) -> None:
-        super().__init__(every_n_steps, histogram_every_n_steps, prefix, alert_cooldown_steps)
+        super().__init__(every_n_steps, histogram_every_n_steps, prefix, alert_cooldown_steps, check_first_step)
         where = "ActivationStatsMonitor"
         self.diagnose = bool(diagnose)
         self._streaks: Dict[str, Dict[str, int]] = {}
@@ -178,6 +194,7 @@ class ActivationStatsMonitor(MonitorCallback):
         self._hist: List[Optional[torch.Tensor]] = []
         self._order: List[int] = []
         self._bounded: List[bool] = []
+        self._activation: List[bool] = []
         self._rectifier: List[bool] = []
         self._nonnegative: List[bool] = []  # rectifiers whose outputs are never negative (ReLU, ReLU6)
         self._counts: List[List[float]] = []
@@ -207,6 +224,7 @@ class ActivationStatsMonitor(MonitorCallback):
         self._hist = [None] * len(selected)
         self._order = [-1] * len(selected)
         self._bounded = [_saturation_mask(module) is not None for _, module in selected]
+        self._activation = [isinstance(module, _ACTIVATIONS) for _, module in selected]
         self._hooks = [(module, self._make_hook(i, module)) for i, (_, module) in enumerate(selected)]
         # Registered here, before Lightning calls `configure_model`, so that a model compiled there traces
         # them; at fit start they are taken off again unless the model was compiled (see `on_fit_start`).
@@ -492,8 +510,15 @@ class ActivationStatsMonitor(MonitorCallback):
 
     def _diagnose(self, trainer: Any, pl_module: Any, stats: List[Tuple[str, Dict[str, float]]], order: List[int],
                   step: int) -> None:
-        """Dead rectifier units or saturated bounded activations that persist over consecutive checks."""
+        """Dead rectifier units or saturated bounded activations that persist over consecutive checks.
+
+        At step 0 the model is as initialised: one reading is enough (nothing has moved yet, and a unit dead
+        at initialisation gets no gradient to revive it), and activation growth through depth is checked.
+        """
         position = {name: order[i] for i, name in enumerate(self._names)}
+        initial = step == 0
+        if initial:
+            self._check_growth(trainer, pl_module, stats, position)
         for stat, rule, bound, checks, what, fix in (
             ("dead_frac", "act_dead", 0.6, 3, "of its units output zero for every sample",
              "a learning rate too high, a large negative bias, or poor init; try a lower learning rate, "
@@ -508,16 +533,40 @@ class ActivationStatsMonitor(MonitorCallback):
                 del streaks[name]
             hits = []
             for name, value in over:
-                streaks[name] = streaks.get(name, 0) + 1
+                # at initialisation one reading counts as the whole streak (and is not reported again)
+                streaks[name] = checks if initial else streaks.get(name, 0) + 1
                 if streaks[name] == checks:
                     hits.append((name, value))
             if hits:
                 name, value = min(hits, key=lambda h: position.get(h[0], 1 << 30))
+                when = "at initialisation (step 0, before any update)" if initial else f"for {checks} checks in a row"
                 self.raise_alert(
                     trainer, pl_module, rule=rule, severity="warning", subject=name, value=value, threshold=bound,
                     step=step,
-                    message=(f"module '{name}': {100 * value:.0f}% {what}, for {checks} checks in a row "
+                    message=(f"module '{name}': {100 * value:.0f}% {what}, {when} "
                              f"({len(hits)} module(s) affected; the first in forward order is named). Likely: {fix}."))
+
+    def _check_growth(self, trainer: Any, pl_module: Any, stats: List[Tuple[str, Dict[str, float]]],
+                      position: Dict[str, int]) -> None:
+        """``act_exploding``: at initialisation, activations grow through depth (weights too large per layer)."""
+        index = {name: i for i, name in enumerate(self._names)}
+        layers = sorted(((position.get(name, 1 << 30), name, math.sqrt(row["std"] ** 2 + row["mean"] ** 2))
+                         for name, row in stats if self._activation[index[name]] and row["nonfinite"] == 0),
+                        key=lambda t: t[0])
+        if len(layers) < _GROWTH_MIN_LAYERS or not layers[0][2] > 0 or not math.isfinite(layers[-1][2]):
+            return
+        (_, first, first_rms), (_, last, last_rms) = layers[0], layers[-1]
+        growth = last_rms / first_rms
+        if not growth > _GROWTH_BOUND:
+            return
+        per_layer = growth ** (1.0 / (len(layers) - 1))
+        self.raise_alert(
+            trainer, pl_module, rule="act_exploding", severity="warning", subject=last, value=growth,
+            threshold=_GROWTH_BOUND, step=0, message=(
+                f"at initialisation the activations grow through depth: the RMS of '{last}' is {growth:.3g}x that "
+                f"of '{first}' ({len(layers)} activation layers, x{per_layer:.3g} per layer; a stable init keeps it "
+                f"near 1). Gradients grow the same way backwards and the first updates blow up: use the layers' "
+                f"default or a He/Xavier init with gain 1, or add normalisation layers."))
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()

@@ -55,12 +55,14 @@ class GradientStatsMonitor(MonitorCallback):
     range in brackets): at fit start, ``init_zero`` / ``init_large`` when a Linear/Conv weight's variance
     times its fan-in is below 1e-6 or above 20 (default inits give 0.33-2), and ``frozen_parameters``
     (info); in the first three steps, ``grad_stale`` when gradients are non-zero before backward at the start
-    of an accumulation window (a forgotten ``zero_grad``; error); at the first sampled step,
-    ``grad_missing`` (info) for trainable parameters without a gradient, ``update_ratio_high`` when a weight
-    moves more than 10% in one step ([0.013, 0.058]; warning), ``update_ratio_low`` below 0.3% (info:
-    fine-tuning legitimately moves weights slowly; warning below 0.01%, where nothing learns), and at any
-    sampled step ``grad_vanishing`` when the first weight layer's gradient norm is below 1e-3 of the last
-    one's ([0.05, 21]; warning).
+    of an accumulation window (a forgotten ``zero_grad``; error); at the first sampled step (step 0, the
+    model as initialised, with ``check_first_step``), ``grad_missing`` (info) for trainable parameters
+    without a gradient; at the first sampled step after step 0, ``update_ratio_high`` when a weight moves
+    more than 10% in one step ([0.013, 0.058]; warning), ``update_ratio_low`` below 0.3% (info: fine-tuning
+    legitimately moves weights slowly; warning below 0.01%, where nothing learns); and at any sampled step,
+    step 0 included, ``grad_vanishing`` when the first weight layer's gradient norm is below 1e-3 of the
+    last one's ([0.05, 21]; warning). Update ratios wait for a later step because Adam's first updates are
+    about ``lr`` per element whatever the gradient, so step 0 says little about the learning rate.
 
     Args:
         every_n_steps: sampling interval; ``None`` follows ``Trainer(log_every_n_steps)``.
@@ -82,6 +84,8 @@ class GradientStatsMonitor(MonitorCallback):
         diagnose: run the fault diagnoses (see "Diagnoses" above).
         prefix: first part of every tag.
         alert_cooldown_steps: at most one record per alert rule and subject in this many steps.
+        check_first_step: also sample step 0 of a fresh fit, so the diagnoses see the initialised model before
+            the first optimizer step (one extra sampled step per fit).
 
     Example:
         >>> from lightwatch.callbacks import GradientStatsMonitor
@@ -106,8 +110,9 @@ class GradientStatsMonitor(MonitorCallback):
         diagnose: bool = True,
         prefix: str = "monitor",
         alert_cooldown_steps: int = 100,
+        check_first_step: bool = True,
     ) -> None:
-        super().__init__(every_n_steps, histogram_every_n_steps, prefix, alert_cooldown_steps)
+        super().__init__(every_n_steps, histogram_every_n_steps, prefix, alert_cooldown_steps, check_first_step)
         where = "GradientStatsMonitor"
         if group_by not in _GROUPINGS:
             raise ValueError(f"{where}: group_by must be one of {_GROUPINGS}, got {group_by!r}.")
@@ -134,6 +139,7 @@ class GradientStatsMonitor(MonitorCallback):
         self._norm_every_step = bool(norm_every_step)
         self._weight_layers: List[int] = []
         self._checks_done = 0
+        self._ratio_checked = False
         self._stale_checks_left = 3
         # grad_stale flags: read at once on the CPU, one step late on CUDA (no host sync in the step itself)
         self._stale_readback: HostReadback = HostReadback()
@@ -435,6 +441,8 @@ class GradientStatsMonitor(MonitorCallback):
                     value=float(len(missing)),
                     message=(f"{len(missing)} trainable parameter(s) got no gradient ({', '.join(missing[:5])}): "
                              f"unused in the loss, or detached; fine for unused heads, a bug otherwise."))
+        if step > 0 and not self._ratio_checked:
+            self._ratio_checked = True
             ratios = [(math.sqrt(delta_sq[i] / before_sq[i]), i) for i in layers
                       if self.track_update_ratio and before_sq[i] > 0 and math.isfinite(delta_sq[i])]
             if ratios:

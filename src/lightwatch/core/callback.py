@@ -32,7 +32,9 @@ class MonitorCallback(pl.Callback):
     The gate is decided once per training step in ``on_train_batch_start``: the step is *sampled* when
     ``(step + 1) % every_n_steps == 0``, which is exactly when Lightning writes ``self.log`` values, so the
     curves line up. Subclasses do their work only when :attr:`sampled` is true; their hooks return at once
-    otherwise.
+    otherwise. With ``check_first_step``, the first step of a fresh fit (step 0, before any optimizer step)
+    is sampled too and :attr:`first_step` is true during it: the model as initialised, which is where
+    structure faults (initialisation, depth, dead or saturated units) are already visible.
 
     Args:
         every_n_steps: sampling interval in optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
@@ -40,6 +42,7 @@ class MonitorCallback(pl.Callback):
             histograms off. Rounded up to a multiple of ``every_n_steps``.
         prefix: first part of every TensorBoard tag.
         alert_cooldown_steps: at most one alert record per (rule, subject) in this many steps.
+        check_first_step: also sample step 0 of a fit that starts from scratch (not a resumed one).
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class MonitorCallback(pl.Callback):
         histogram_every_n_steps: Optional[int] = None,
         prefix: str = "monitor",
         alert_cooldown_steps: int = 100,
+        check_first_step: bool = False,
     ) -> None:
         where = type(self).__name__
         self.every_n_steps = _check_positive(every_n_steps, "every_n_steps", where)
@@ -58,7 +62,9 @@ class MonitorCallback(pl.Callback):
                                                       allow_zero=True) or 0)
         self.interval = every_n_steps or DEFAULT_EVERY_N_STEPS
         self.histogram_interval = 0
+        self.check_first_step = bool(check_first_step)
         self.sampled = False
+        self.first_step = False
         self.histogram_step = False
         self.sampled_steps = 0
 
@@ -82,8 +88,11 @@ class MonitorCallback(pl.Callback):
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
         step = logging_step(trainer) + 1
-        self.sampled = step % self.interval == 0
-        self.histogram_step = self.sampled and self.histogram_interval > 0 and step % self.histogram_interval == 0
+        regular = step % self.interval == 0
+        # `global_step` as well: a resumed run restores the logging counter and the optimizer steps alike
+        self.first_step = (self.check_first_step and step == 1 and int(getattr(trainer, "global_step", 0)) == 0)
+        self.sampled = regular or self.first_step
+        self.histogram_step = regular and self.histogram_interval > 0 and step % self.histogram_interval == 0
         if self.sampled:
             self.sampled_steps += 1
 
