@@ -124,8 +124,9 @@ class MetricMonitor(MonitorCallback):
     median) of the 50 steps before them, from the same device ring.
 
     Built-in check ``loss_not_learning`` (on by default, with the built-in rules): once, at the first
-    training-epoch end at or after step 50, the median loss of the last three step checks is still at least 85%
-    of the first step's loss. The alert is named after an earlier finding that explains it
+    training-epoch end at or after step 50 at which the learning rate is no longer rising (a warmup defers it:
+    a flat loss is expected while the rate is still near 0), the median loss of the last three step checks is
+    still at least 85% of the first step's loss. The alert is named after an earlier finding that explains it
     (``frozen_parameters``, ``grad_missing``, ``update_ratio_low``, ``output_probabilities``) when one was
     raised, else ``loss_not_learning``. Switch it off with ``rules={"loss_not_learning": None}`` (fine-tuning a
     model whose loss is expected to fall slowly).
@@ -241,6 +242,7 @@ class MetricMonitor(MonitorCallback):
         self._first_loss: Optional[torch.Tensor] = None
         self._loss_reference: Optional[float] = None
         self._recent_losses: List[Tuple[int, float]] = []
+        self._recent_lrs: List[List[float]] = []  # learning rates of every param group at the same checks
         self._learning_checked = False
         # loss_step_z, loss_shift_z: every step's loss on the device, oldest overwritten; `_ring_count` steps
         # written; both scores are computed once per check (`_ring_scores`)
@@ -466,7 +468,7 @@ class MetricMonitor(MonitorCallback):
         if negative:
             self._check_negative_loss(trainer, pl_module, stats.get(self.loss_metric), step)
         if learning:
-            self._remember_learning(stats, step)
+            self._remember_learning(trainer, stats, step)
         self._seen.update(name for name, s in stats.items() if s.present)
         for rule in rules:
             if rule.last_score is not None and rule.last_point == point:
@@ -496,7 +498,7 @@ class MetricMonitor(MonitorCallback):
                 f"log_softmax. Use F.cross_entropy on the logits, or F.nll_loss on log_softmax outputs. If this loss "
                 f"can legitimately be negative, drop the check with rules={{'{_NEGATIVE}': None}}."))
 
-    def _remember_learning(self, stats: Dict[str, MetricStats], step: int) -> None:
+    def _remember_learning(self, trainer: Any, stats: Dict[str, MetricStats], step: int) -> None:
         """Keep the reduced first-step loss and the loss of the last three checks (host floats)."""
         first = stats.get(self.first_loss_metric)
         if self._loss_reference is None and first is not None and first.present and math.isfinite(first.mean):
@@ -505,9 +507,29 @@ class MetricMonitor(MonitorCallback):
         loss = stats.get(self.loss_metric)
         if loss is not None and loss.present and math.isfinite(loss.mean):
             self._recent_losses = (self._recent_losses + [(step, loss.mean)])[-3:]
+            self._recent_lrs = (self._recent_lrs + [self._learning_rates(trainer)])[-3:]
+
+    @staticmethod
+    def _learning_rates(trainer: Any) -> List[float]:
+        """The learning rate of every param group (host values; a tensor lr on an accelerator is left out)."""
+        rates: List[float] = []
+        for optimizer in getattr(trainer, "optimizers", None) or []:
+            for group in optimizer.param_groups:
+                lr = group.get("lr")
+                if isinstance(lr, torch.Tensor):
+                    lr = lr.item() if lr.device.type == "cpu" and lr.numel() == 1 else None
+                if isinstance(lr, (int, float)):
+                    rates.append(float(lr))
+        return rates
+
+    def _warming_up(self) -> bool:
+        """Whether the learning rate rose over the last checks: a warmup, during which a flat loss is expected."""
+        if len(self._recent_lrs) < 2 or len(self._recent_lrs[0]) != len(self._recent_lrs[-1]):
+            return False
+        return any(new > old * (1 + 1e-3) for old, new in zip(self._recent_lrs[0], self._recent_lrs[-1]))
 
     def _check_learning(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """``loss_not_learning``: once, at the first training-epoch end at or after step 50.
+        """``loss_not_learning``: once, at the first training-epoch end at or after step 50 outside a warmup.
 
         The median loss of the last three checks against the first step's loss (both reduced over ranks, so
         every rank decides alike). At or above 0.85 of it, the run is not learning. The alert takes the name of
@@ -515,8 +537,8 @@ class MetricMonitor(MonitorCallback):
         fed to the loss) when there is one, and says so; otherwise it is ``loss_not_learning``.
         """
         step = logging_step(trainer)
-        if step < _LEARNING_MIN_STEPS or not self._recent_losses:
-            return
+        if step < _LEARNING_MIN_STEPS or not self._recent_losses or self._warming_up():
+            return  # too early, or the learning rate is still warming up: judged at a later epoch end
         self._learning_checked = True
         if self._loss_reference is None:
             return  # resumed past the first step, or the first loss was not finite
@@ -724,6 +746,7 @@ class MetricMonitor(MonitorCallback):
             "negative_since": self._negative_since,
             "loss_reference": self._loss_reference,
             "recent_losses": [list(x) for x in self._recent_losses],
+            "recent_lrs": [list(x) for x in self._recent_lrs],
             "learning_checked": self._learning_checked,
         })
         return state
@@ -743,6 +766,7 @@ class MetricMonitor(MonitorCallback):
         ref = state_dict.get("loss_reference")
         self._loss_reference = None if ref is None else float(ref)
         self._recent_losses = [(int(a), float(b)) for a, b in state_dict.get("recent_losses", [])]
+        self._recent_lrs = [[float(v) for v in x] for x in state_dict.get("recent_lrs", [])]
         self._learning_checked = bool(state_dict.get("learning_checked", False))
 
 
