@@ -12,7 +12,7 @@ from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row, histogram_row
 from lightwatch.core.readback import HostReadback
 from lightwatch.core.reduce import all_reduce_flat
-from lightwatch.core.runtime import is_sharded_strategy, local_tensor, logging_step
+from lightwatch.core.runtime import is_sharded_strategy, learning_rates, local_tensor, logging_step, lr_rising
 from lightwatch.core.selection import Selection, top_k_subjects
 
 __all__ = ["GradientStatsMonitor"]
@@ -62,7 +62,9 @@ class GradientStatsMonitor(MonitorCallback):
     legitimately moves weights slowly; warning below 0.01%, where nothing learns); and at any sampled step,
     step 0 included, ``grad_vanishing`` when the first weight layer's gradient norm is below 1e-3 of the
     last one's ([0.05, 21]; warning). Update ratios wait for a later step because Adam's first updates are
-    about ``lr`` per element whatever the gradient, so step 0 says little about the learning rate.
+    about ``lr`` per element whatever the gradient, so step 0 says little about the learning rate; and while
+    the learning rate is rising (a warmup) small updates are the intent, so ``update_ratio_low`` waits for
+    the first check after the rise.
 
     Args:
         every_n_steps: sampling interval; ``None`` follows ``Trainer(log_every_n_steps)``.
@@ -140,6 +142,7 @@ class GradientStatsMonitor(MonitorCallback):
         self._weight_layers: List[int] = []
         self._checks_done = 0
         self._ratio_checked = False
+        self._lrs: Optional[List[float]] = None  # learning rates at the previous check (a warmup defers ratio_low)
         self._stale_checks_left = 3
         # grad_stale flags: read at once on the CPU, one step late on CUDA (no host sync in the step itself)
         self._stale_readback: HostReadback = HostReadback()
@@ -441,13 +444,17 @@ class GradientStatsMonitor(MonitorCallback):
                     value=float(len(missing)),
                     message=(f"{len(missing)} trainable parameter(s) got no gradient ({', '.join(missing[:5])}): "
                              f"unused in the loss, or detached; fine for unused heads, a bug otherwise."))
+        lrs = learning_rates(trainer)
+        warming_up, self._lrs = lr_rising(self._lrs, lrs), lrs
         if step > 0 and not self._ratio_checked:
             self._ratio_checked = True
             ratios = [(math.sqrt(delta_sq[i] / before_sq[i]), i) for i in layers
                       if self.track_update_ratio and before_sq[i] > 0 and math.isfinite(delta_sq[i])]
             if ratios:
                 ratio, i = max(ratios)
-                if ratio > 0.1 or ratio < 3e-3:
+                if ratio < 3e-3 and warming_up:  # small steps are the point of a warmup: judge after it
+                    self._ratio_checked = False
+                elif ratio > 0.1 or ratio < 3e-3:
                     high = ratio > 0.1
                     # below 1e-4 nothing learns, fine-tuning included (Adam at lr 1e-5 moves ~5e-4 a step)
                     severity = "warning" if high or ratio < 1e-4 else "info"

@@ -22,7 +22,8 @@ from lightwatch.core.recovery import (
 )
 from lightwatch.core.reduce import all_reduce_flat
 from lightwatch.core.rules import Firing, MetricStats, Rule, RuleSet, plain
-from lightwatch.core.runtime import distributed_ready, is_sharded_strategy, local_tensor, logging_step
+from lightwatch.core.runtime import (distributed_ready, is_sharded_strategy, learning_rates, local_tensor, logging_step,
+                                    lr_rising)
 
 __all__ = ["MetricMonitor", "default_rules"]
 
@@ -507,26 +508,11 @@ class MetricMonitor(MonitorCallback):
         loss = stats.get(self.loss_metric)
         if loss is not None and loss.present and math.isfinite(loss.mean):
             self._recent_losses = (self._recent_losses + [(step, loss.mean)])[-3:]
-            self._recent_lrs = (self._recent_lrs + [self._learning_rates(trainer)])[-3:]
-
-    @staticmethod
-    def _learning_rates(trainer: Any) -> List[float]:
-        """The learning rate of every param group (host values; a tensor lr on an accelerator is left out)."""
-        rates: List[float] = []
-        for optimizer in getattr(trainer, "optimizers", None) or []:
-            for group in optimizer.param_groups:
-                lr = group.get("lr")
-                if isinstance(lr, torch.Tensor):
-                    lr = lr.item() if lr.device.type == "cpu" and lr.numel() == 1 else None
-                if isinstance(lr, (int, float)):
-                    rates.append(float(lr))
-        return rates
+            self._recent_lrs = (self._recent_lrs + [learning_rates(trainer)])[-3:]
 
     def _warming_up(self) -> bool:
         """Whether the learning rate rose over the last checks: a warmup, during which a flat loss is expected."""
-        if len(self._recent_lrs) < 2 or len(self._recent_lrs[0]) != len(self._recent_lrs[-1]):
-            return False
-        return any(new > old * (1 + 1e-3) for old, new in zip(self._recent_lrs[0], self._recent_lrs[-1]))
+        return len(self._recent_lrs) >= 2 and lr_rising(self._recent_lrs[0], self._recent_lrs[-1])
 
     def _check_learning(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """``loss_not_learning``: once, at the first training-epoch end at or after step 50 outside a warmup.

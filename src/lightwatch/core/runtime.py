@@ -19,6 +19,8 @@ __all__ = [
     "distributed_ready",
     "tensorboard_writers",
     "is_sharded_strategy",
+    "learning_rates",
+    "lr_rising",
 ]
 
 
@@ -91,3 +93,26 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2), or the tensor itself."""
     to_local: Optional[Any] = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def learning_rates(trainer: Any) -> List[float]:
+    """The learning rate of every param group of every optimizer, as host floats.
+
+    A tensor learning rate on an accelerator (``capturable`` optimizers) is left out: reading it would sync.
+    """
+    rates: List[float] = []
+    for optimizer in getattr(trainer, "optimizers", None) or []:
+        for group in optimizer.param_groups:
+            lr = group.get("lr")
+            if isinstance(lr, torch.Tensor):
+                lr = lr.item() if lr.device.type == "cpu" and lr.numel() == 1 else None
+            if isinstance(lr, (int, float)):
+                rates.append(float(lr))
+    return rates
+
+
+def lr_rising(before: Optional[List[float]], after: List[float]) -> bool:
+    """Whether any param group's learning rate went up between two readings: a warmup in progress."""
+    if not before or len(before) != len(after):
+        return False
+    return any(new > old * (1 + 1e-3) for old, new in zip(before, after))
