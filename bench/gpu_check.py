@@ -52,7 +52,8 @@ def default_monitors(interval: int) -> List[pl.Callback]:
 
 
 def sampled(step: int, interval: int = INTERVAL) -> bool:
-    return (step + 1) % interval == 0
+    # step 0 too: the statistics monitors check the initialised model there (check_first_step)
+    return (step + 1) % interval == 0 or step == 0
 
 
 # ------------------------------------------------------------------------------------------ host syncs
