@@ -51,6 +51,19 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class WarmedUpClassifier(Classifier):
+    """:class:`Classifier` whose learning rate rises linearly from ~0 over ``warmup`` steps (per-step schedule)."""
+
+    def __init__(self, warmup: int, lr: float = 0.05) -> None:
+        super().__init__(lr=lr)
+        self.warmup = warmup
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / self.warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 def make_loader(n: int = 128, in_features: int = 8, classes: int = 3, batch_size: int = 16, seed: int = 0,
                 shuffle: bool = False) -> DataLoader:
     g = torch.Generator().manual_seed(seed)

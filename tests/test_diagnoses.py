@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import Classifier, make_loader, make_trainer, read_alerts
+from conftest import Classifier, WarmedUpClassifier, make_loader, make_trainer, read_alerts
 from lightwatch import ActivationStatsMonitor, GradientStatsMonitor
 
 
@@ -43,21 +43,8 @@ def test_learning_rate_far_too_high(tmp_path: Any, seed: int) -> None:
     assert alert["step"] == 4 and alert["value"] > 0.1
 
 
-class WarmedUp(Classifier):
-    """The learning rate rises linearly from ~0 over ``warmup`` steps, as large models are trained."""
-
-    def __init__(self, warmup: int, lr: float = 0.05) -> None:
-        super().__init__(lr=lr)
-        self.warmup = warmup
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / self.warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
 def test_tiny_updates_during_a_learning_rate_warmup_are_not_a_learning_rate_fault(tmp_path: Any, seed: int) -> None:
-    during = alerts_of(tmp_path / "warmup", WarmedUp(warmup=2000), max_steps=20)
+    during = alerts_of(tmp_path / "warmup", WarmedUpClassifier(warmup=2000), max_steps=20)
     assert "update_ratio_low" not in rules(during, severity="info")  # judged once the rate stops rising
     flat = alerts_of(tmp_path / "flat", Classifier(lr=0.05 / 2000), max_steps=20)  # the same tiny rate, for good
     assert "update_ratio_low" in rules(flat)

@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import Classifier, make_loader, make_trainer, read_alerts, read_events, scalars
+from conftest import Classifier, WarmedUpClassifier, make_loader, make_trainer, read_alerts, read_events, scalars
 from lightwatch.callbacks import MetricMonitor
 from lightwatch.core.actions import MonitorWarning
 
@@ -378,22 +378,9 @@ def test_a_learning_run_and_a_switched_off_check_stay_quiet(tmp_path: Any, seed:
     assert off == []
 
 
-class WarmedUp(Classifier):
-    """The learning rate rises linearly from 0 over the first ``warmup`` steps (per-step scheduler)."""
-
-    def __init__(self, warmup: int) -> None:
-        super().__init__(lr=0.2)
-        self.warmup = warmup
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / self.warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
 def test_a_flat_loss_during_a_learning_rate_warmup_is_judged_after_the_warmup(tmp_path: Any, seed: int) -> None:
     trainer = make_trainer(tmp_path, [MetricMonitor(every_n_steps=5)], max_steps=120)
-    trainer.fit(WarmedUp(warmup=100), labelled_loader(shuffle_labels=True))
+    trainer.fit(WarmedUpClassifier(warmup=100, lr=0.2), labelled_loader(shuffle_labels=True))
     (alert,) = [a for a in read_alerts(str(tmp_path)) if a["severity"] != "info"]
     # epochs end at 16, 32, ..., 112: the learning rate rises until step 100, so the epoch ends at 64, 80 and
     # 96 are skipped, and the first one after the warmup decides
