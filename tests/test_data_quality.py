@@ -625,6 +625,12 @@ def test_ddp_counts_and_histograms_equal_one_process_and_decisions_agree(tmp_pat
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == ranks[0]["stop_step"] + 1
     assert ranks[0]["alerts"] == ranks[1]["alerts"]  # every rank took every decision
     assert ["data_nonfinite", 7, "train/x.1"] in ranks[0]["alerts"]
+    # the scan before training (4 batches of each rank's shards) named the leak at step 0, on both ranks, and
+    # the val end did not repeat it; the profile compared above is the streaming one, unchanged by the scan
+    assert [a for a in ranks[0]["alerts"] if a[0] == "data_leakage"] == [["data_leakage", 0, "val/_all"]]
+    # its collectives, the same on each rank: two MAX to agree on the batch counts, one MAX on the first batch's
+    # input scale, one MAX and one SUM per split (train, val); its edges come from the reference
+    assert ranks[0]["collectives"]["-1"] == ranks[1]["collectives"]["-1"] == 2 + 1 + 2 * 2
     assert one_writer(tmp_path / "ddp")
     # without a reference, the edges come from the first batch of each rank, averaged: the same everywhere
     assert ranks[0]["noref_edges"] == ranks[1]["noref_edges"]

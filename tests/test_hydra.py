@@ -446,7 +446,9 @@ def nan_loader(bad_batch: int = 2) -> DataLoader:
 
 
 def test_strict_stops_training_on_a_nan_and_says_so(tmp_path, seed):
-    trainer = make_trainer(tmp_path, monitors(policy="strict"), max_steps=16)
+    # without the data scan: the NaN batch is met in training
+    trainer = make_trainer(tmp_path, monitors("monitor.data_quality.scan_before_fit=0", policy="strict"),
+                           max_steps=16)
     trainer.fit(Classifier(), nan_loader())
     assert trainer.global_step == 10  # stopped at the first sampled step after the NaN (step 9)
     alerts = {a["rule"]: a for a in read_alerts(str(tmp_path))}
@@ -457,8 +459,18 @@ def test_strict_stops_training_on_a_nan_and_says_so(tmp_path, seed):
     assert alerts["act_nonfinite"]["subject"] == "net.0"
 
 
+def test_strict_stops_on_nan_in_the_training_data_before_the_first_update(tmp_path, seed):
+    trainer = make_trainer(tmp_path, monitors(policy="strict"), max_steps=16)  # the policy scans 64 batches
+    trainer.fit(Classifier(), nan_loader())
+    assert trainer.global_step == 0
+    (alert,) = read_alerts(str(tmp_path))
+    assert (alert["rule"], alert["step"], alert["action"]) == ("data_nonfinite", 0, "stop")
+    assert "first in train batch 2 of the scan" in alert["message"]
+
+
 def test_debug_raises_at_the_first_nan_naming_the_layer(tmp_path, seed):
-    trainer = make_trainer(tmp_path, monitors(policy="debug"), max_steps=16)
+    trainer = make_trainer(tmp_path, monitors("monitor.data_quality.scan_before_fit=0", policy="debug"),
+                           max_steps=16)
     with pytest.raises(MonitorError) as info:
         trainer.fit(Classifier(), nan_loader(bad_batch=2))
     # The data check sees the batch before the forward pass, so it is the one that raises.
@@ -466,6 +478,14 @@ def test_debug_raises_at_the_first_nan_naming_the_layer(tmp_path, seed):
     (alert,) = read_alerts(str(tmp_path))  # recorded before it was raised
     assert (alert["rule"], alert["step"], alert["action"]) == ("data_nonfinite", 2, "raise")
     assert trainer.global_step == 2  # no update was made with the bad batch
+
+
+def test_debug_raises_on_nan_in_the_training_data_before_the_first_update(tmp_path, seed):
+    trainer = make_trainer(tmp_path, monitors(policy="debug"), max_steps=16)
+    with pytest.raises(MonitorError) as info:
+        trainer.fit(Classifier(), nan_loader(bad_batch=2))
+    assert "'data_nonfinite'" in str(info.value) and "at step 0," in str(info.value)
+    assert trainer.global_step == 0
 
 
 # --------------------------------------------------------------------------- search path and packaging

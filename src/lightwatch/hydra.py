@@ -408,6 +408,8 @@ class DataQualityConf:
     top_k: int = 10
     prefix: str = "monitor"
     alert_cooldown_steps: int = 100
+    scan_before_fit: int = 0
+    scan_iterable: bool = False
 
 
 # ------------------------------------------------------------------------------------------ policy schema

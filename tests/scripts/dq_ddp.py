@@ -3,9 +3,11 @@
 Usage: ``dq_ddp.py OUT_DIR REFERENCE_PROFILE``. The datasets have odd sizes, so DistributedSampler pads
 each epoch with a repeated sample; 5 validation samples are copies of training samples. Epoch 0 runs
 clean and its profile is copied to ``epoch0.json``; in epoch 1 rank 1 alone sees a NaN at step 7 and the
-``stop`` action must stop both ranks at the same step. A second monitor, without a reference, freezes its
-histogram edges from the first batch of each rank (averaged over ranks) and writes ``noref.json``. Each
-rank writes ``rank<r>.json``.
+``stop`` action must stop both ranks at the same step. The first monitor also scans 4 batches of each rank's
+train and val shards before training (``scan_before_fit=4``): its collectives are counted under step -1, and
+its streaming results must not change. A second monitor, without a reference, freezes its histogram edges
+from the first batch of each rank (averaged over ranks) and writes ``noref.json``. Each rank writes
+``rank<r>.json``.
 """
 import inspect
 import json
@@ -85,7 +87,7 @@ def main() -> None:
     train, val = datasets()
     probe = Probe()
     monitor = monitor_for(reference=reference, profile_path=os.path.join(out_dir, "data_profile.json"),
-                          checks={"nonfinite": {"action": "stop"}})
+                          checks={"nonfinite": {"action": "stop"}}, scan_before_fit=4)
     noref = monitor_for(profile_path=os.path.join(out_dir, "noref.json"), duplicates=False)
     trainer = pl.Trainer(
         default_root_dir=out_dir, max_epochs=2, log_every_n_steps=5, accelerator="cpu", devices=2, strategy="ddp",

@@ -15,6 +15,10 @@ logged step, at the end of an evaluation epoch, or when the buffer is full:
   shift, class imbalance, features that became constant, duplicates within a split and train-to-val
   leakage.
 
+With ``scan_before_fit=N`` the monitor also reads up to N batches of the train and of each val dataloader in
+``on_train_start``, before the first optimizer step, and runs both tiers on them with separate state, so data
+faults are named at step 0; every random state is put back, so training is bit-identical with and without it.
+
 See the README section "Data quality" for the checks, their defaults, the thresholds and the profile format.
 """
 from __future__ import annotations
@@ -22,14 +26,18 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from lightwatch.core.alerts import Alert, MonitorError, alert_log, check_severity, severity_at_least
+from lightwatch.core.alerts import SEVERITIES, Alert, MonitorError, alert_log, check_severity, severity_at_least
 from lightwatch.core.batch import BatchSelector, BatchSelectorError, Field, Selector
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.histogram import HistogramData
@@ -398,6 +406,127 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+# ------------------------------------------------------------------------- the scan before training
+# State of the monitor that the scan before training works on: it runs on fresh or copied values of all of
+# these, and the streaming values are put back afterwards, so training-time checks see exactly what they
+# would see without the scan.
+_SCAN_ISOLATED = ("_splits", "_edges", "_schemas", "_classes", "_class_source", "_label_max", "_ranges",
+                  "_restored_ranges", "_learned", "_profile", "_train_hashes_last", "_reported", "_published_step",
+                  "_skip_step", "_scale_probe", "_scale_checked", "_immediate_flag", "sampled")
+# Actions that act on an optimizer step: before training there is none to skip or roll back.
+_STEP_ACTIONS = ("skip_step", "rollback")
+
+
+@dataclass
+class _Scan:
+    """What the scan before training read: the numbers go into the message of every alert it raises."""
+
+    train_batches: int
+    val_batches: int
+    ranks: int
+    # splits read in a fixed order and not to their end: a class-sorted split read from its start looks
+    # "imbalanced" and "drifted", so the distribution comparisons (drift, label shift, class imbalance,
+    # constant features) are left out for them; duplicates and leakage are exact matches and stay valid
+    partial: Tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        where = f" on each of the {self.ranks} ranks" if self.ranks > 1 else ""
+        return (f"found by the data scan before training: {self.train_batches} train and {self.val_batches} val "
+                f"batch(es) read{where} before the first optimizer step")
+
+
+class _FreshIterable:
+    """Iterates a loader through iterators of its own and shuts their workers down in :meth:`close`.
+
+    A ``DataLoader`` with ``persistent_workers`` caches one iterator (and its workers, whose random state
+    feeds augmentation) for training; ``_get_iterator()`` makes a separate one, so the scan leaves the
+    cached one untouched.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.iterators: List[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        make = getattr(self.loader, "_get_iterator", None)
+        it = make() if isinstance(self.loader, DataLoader) and callable(make) else iter(self.loader)
+        self.iterators.append(it)
+        return it
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def close(self) -> None:
+        for it in self.iterators:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if callable(shutdown):
+                shutdown()
+        self.iterators = []
+
+
+class _RandomStates:
+    """Every random state reading data can draw from, saved at once and put back by :meth:`restore`.
+
+    A shuffling ``DataLoader`` draws its order (and its workers' base seed) from the global torch generator,
+    or from its own ``generator``; datasets may augment with ``random``, NumPy or torch (CPU or CUDA). Putting
+    all of them back makes the training run bit-identical to one without the scan.
+    """
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+            else None
+        self.python = random.getstate()
+        self.numpy = np.random.get_state()
+        self.generators: List[Tuple[torch.Generator, torch.Tensor]] = []
+
+    def add(self, generators: Sequence[torch.Generator]) -> None:
+        """Also save these generators (a loader's own), before anything draws from them."""
+        known = {id(g) for g, _ in self.generators}
+        self.generators += [(g, g.get_state()) for g in generators if id(g) not in known]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        for g, state in self.generators:
+            g.set_state(state)
+
+
+def _loader_generators(loader: Any) -> List[torch.Generator]:
+    """The torch generators a loader draws from when iterated (its own, its sampler's, its batch sampler's)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    found: Dict[int, torch.Generator] = {}
+    for obj in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator):
+            found[id(g)] = g
+    return list(found.values())
+
+
+def _streamed(loader: Any) -> bool:
+    """Whether reading ``loader`` may consume what training would read: an ``IterableDataset`` (a stream, a
+    queue, a generator) or an iterable that is not a ``DataLoader`` at all."""
+    return not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset)
+
+
+def _ordered(loader: Any) -> bool:
+    """Whether ``loader`` reads its dataset in a fixed order (its first batches are no random sample)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
+    if isinstance(sampler, SequentialSampler):
+        return True
+    # DistributedSampler (and look-alikes) with shuffle=False: each rank reads a fixed stride of the dataset
+    return hasattr(sampler, "num_replicas") and getattr(sampler, "shuffle", True) is False
+
+
+def _finite_int(value: Any) -> Optional[int]:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        else None
+
+
 class DataQualityMonitor(MonitorCallback):
     """Data-quality checks on every batch, on the device, with profiles and drift across splits and runs.
 
@@ -421,6 +550,14 @@ class DataQualityMonitor(MonitorCallback):
     PSI > ``psi_warn`` (0.5) and KS > ``ks_warn`` (0.3), duplicates are ``info`` up to ``warn_above`` (50%)
     of the split. The statistics are saved as a JSON profile usable as ``reference`` of a later
     run.
+
+    **Scan before training** (``scan_before_fit=N``, off by default; 64 in the Hydra ``default`` and
+    ``strict`` policies): in ``on_train_start`` up to N batches of the train dataloader and of each val
+    dataloader are read (through the batch-transfer hooks, without the model) and checked by both tiers on
+    state of their own, so leakage, duplicates, class imbalance, label shift, drift, NaNs and unscaled inputs
+    are reported at step 0, in alerts that say they come from the scan. All random states are restored, so the
+    training run is bit-identical with and without it; the checks during training then do not repeat an
+    alert (rule and subject) the scan already raised at the same or a higher severity.
 
     Tags: ``monitor.data/<split>/<field or field.feature or _all>/<stat>`` with stats ``nonfinite``,
     ``out_of_range``, ``schema_errors``, ``empty_batches``, ``samples``, ``dup_frac``, ``dup_count``,
@@ -470,6 +607,15 @@ class DataQualityMonitor(MonitorCallback):
         top_k: per-feature scalars are written for at most this many features per field (the most drifted).
         prefix: first part of every tag.
         alert_cooldown_steps: at most one record per alert rule and subject in this many steps.
+        scan_before_fit: before the first optimizer step (in ``on_train_start``), read at most this many batches
+            from the train dataloader and from each val dataloader, run every check on them (non-finite values,
+            ranges, labels, schema, input scale, duplicates, leakage, class imbalance, label shift, drift) and
+            report what they find at once, in alerts that say they come from the scan. It costs one pass of the
+            data pipeline over up to this many batches per split, without the model; the training run is
+            bit-identical with and without it (every random state is put back). A later alert of the same rule
+            and subject (at the same or a lower severity) is not repeated. ``0``: no scan.
+        scan_iterable: let the scan read dataloaders over an ``IterableDataset`` too (by default they are
+            skipped: reading a stream may consume what training would read).
 
     Example:
         >>> from lightwatch.callbacks import DataQualityMonitor
@@ -502,6 +648,8 @@ class DataQualityMonitor(MonitorCallback):
         top_k: int = 10,
         prefix: str = "monitor",
         alert_cooldown_steps: int = 100,
+        scan_before_fit: int = 0,
+        scan_iterable: bool = False,
     ) -> None:
         super().__init__(every_n_steps, 0, prefix, alert_cooldown_steps)
         where = "DataQualityMonitor"
@@ -537,6 +685,16 @@ class DataQualityMonitor(MonitorCallback):
         if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
             raise ValueError(f"{where}: top_k must be an integer >= 0, got {top_k!r}.")
         self.top_k = int(top_k)
+        if isinstance(scan_before_fit, bool) or not isinstance(scan_before_fit, (int, float)) \
+                or int(scan_before_fit) != scan_before_fit or scan_before_fit < 0:
+            raise ValueError(f"{where}: scan_before_fit must be an integer >= 0 (the most batches read from the "
+                             f"train and from each val dataloader before training; 0 turns the scan off), got "
+                             f"{scan_before_fit!r}.")
+        self.scan_before_fit = int(scan_before_fit)
+        if not isinstance(scan_iterable, bool):
+            raise ValueError(f"{where}: scan_iterable must be true or false (whether the scan before training may "
+                             f"read dataloaders over an IterableDataset), got {scan_iterable!r}.")
+        self.scan_iterable = scan_iterable
         self.reference: Optional[DataProfile] = None
         if isinstance(reference, DataProfile):
             self.reference = reference
@@ -568,6 +726,11 @@ class DataQualityMonitor(MonitorCallback):
         # at the first logged step; `_scale_checked` keeps a resumed run from checking again
         self._scale_probe: Optional[Tuple[List[str], torch.Tensor, int]] = None
         self._scale_checked = False
+        # the scan before training: set while it runs; the (rule, subject) it reported with their severity,
+        # so the streaming checks do not report them again; done once per run (kept in checkpoints)
+        self._scan: Optional[_Scan] = None
+        self._scan_alerts: Dict[str, str] = {}
+        self._scan_done = False
 
     @staticmethod
     def _parse_schema(schema: Optional[Mapping[str, Mapping[str, Any]]], where: str) -> Dict[str, _Schema]:
@@ -1138,6 +1301,190 @@ class DataQualityMonitor(MonitorCallback):
         if sp is not None and sp.specs is not None and sp.pending:
             self._flush_step(trainer, pl_module, sp, logging_step(trainer), synchronous=True)
 
+    # ------------------------------------------------------------------ hooks: the scan before training
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """With ``scan_before_fit``: scan the train and val dataloaders before the first optimizer step."""
+        super().on_train_start(trainer, pl_module)
+        if self.scan_before_fit <= 0 or self._scan_done:
+            return
+        # a run resumed past its start (or restarted mid-way) has scanned already, or has trained on the data
+        if int(getattr(trainer, "global_step", 0)) > 0 or logging_step(trainer) > 0:
+            self._scan_done = True
+            return
+        self._scan_done = True
+        self._scan_alerts = {}
+        self._scan_data(trainer, pl_module)
+
+    def _scan_sources(self, trainer: Any) -> List[Tuple[str, int, Any, List[Any], Optional[int]]]:
+        """``(split, dataloader_idx, iterable, loaders, batches in an epoch)`` for the train split and each val
+        dataloader, in the same order on every rank; streamed loaders are left out (with a note)."""
+        from pytorch_lightning.utilities.combined_loader import CombinedLoader
+
+        sources: List[Tuple[str, int, Any, List[Any], Optional[int]]] = []
+        fit_loop = trainer.fit_loop
+        combined = getattr(fit_loop, "_combined_loader", None)
+        if combined is not None:
+            # a fresh CombinedLoader over the same loaders yields the batch the training step gets (a collection
+            # of batches for several train dataloaders), without touching the fit loop's iterator
+            fresh = CombinedLoader(combined.iterables, getattr(combined, "_mode", "max_size_cycle"))
+            loaders = list(fresh.flattened)
+            if self._scannable("train", loaders):
+                fresh.flattened = [_FreshIterable(dl) for dl in loaders]
+                sources.append(("train", 0, fresh, loaders, _finite_int(getattr(trainer, "num_training_batches",
+                                                                                    None))))
+        val_loop = fit_loop.epoch_loop.val_loop
+        if getattr(trainer, "enable_validation", False) and getattr(val_loop, "_combined_loader", None) is None:
+            # no sanity check and no validation in the first epoch: load the val dataloaders now, as the fit
+            # loop itself does when validation runs in the first epoch (they are not loaded again later)
+            trainer.validating = True
+            try:
+                val_loop.setup_data()
+            finally:
+                trainer.training = True
+        val_combined = getattr(val_loop, "_combined_loader", None)
+        if val_combined is None:
+            self._note("scan:noval", "DataQualityMonitor: no validation dataloader; the scan before training reads the "
+                                     "train split only.")
+            return sources
+        limits = list(getattr(val_loop, "_max_batches", None) or [])
+        for idx, loader in enumerate(val_combined.flattened):
+            split = self._eval_split("val", idx)
+            if self._scannable(split, [loader]):
+                sources.append((split, idx, _FreshIterable(loader), [loader],
+                                _finite_int(limits[idx]) if idx < len(limits) else None))
+        return sources
+
+    def _scannable(self, split: str, loaders: List[Any]) -> bool:
+        if self.scan_iterable or not any(_streamed(dl) for dl in loaders):
+            return True
+        self._note(f"scan:stream:{split}",
+                   f"DataQualityMonitor: the {split} dataloader reads an IterableDataset (or is not a torch "
+                   f"DataLoader): reading it may consume what training would read, so the scan before training "
+                   f"skips it; scan_iterable=True scans it anyway.")
+        return False
+
+    def _scan_batch(self, trainer: Any, pl_module: Any, split: str, idx: int, raw: Any) -> Any:
+        """The batch as the training or validation step gets it: precision conversion and the batch-transfer
+        hooks (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``), with
+        the Trainer in the matching stage, since hooks often augment in training only."""
+        evaluation = split != "train"
+        if evaluation:
+            trainer.validating = True
+        try:
+            batch = trainer.precision_plugin.convert_input(raw)
+            before = getattr(pl_module, "_on_before_batch_transfer", None)
+            if callable(before):
+                batch = before(batch, dataloader_idx=idx)
+            return trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
+        finally:
+            if evaluation:
+                trainer.training = True
+
+    def _scan_data(self, trainer: Any, pl_module: Any) -> None:
+        """Read up to ``scan_before_fit`` batches of each split, check them on separate state, report at once.
+
+        Collectives (under DDP) are the same on every rank: the batch counts are agreed first (the smallest
+        over the ranks, 0 when any rank has none: that split is skipped everywhere), so the once-per-split
+        reductions (and the first batch's edge and scale agreements) happen on every rank alike.
+        """
+        started = time.perf_counter()
+        # saved before the val dataloaders may be loaded: a val_dataloader() hook may draw random numbers too
+        states = _RandomStates()
+        sources: List[Tuple[str, int, Any, List[Any], Optional[int]]] = []
+        saved = self._enter_scan()
+        iterators: List[Any] = []
+        try:
+            sources = self._scan_sources(trainer)
+            states.add([g for _, _, _, loaders, _ in sources for dl in loaders for g in _loader_generators(dl)])
+            firsts: List[Any] = []
+            planned: List[int] = []
+            end = object()
+            for split, idx, iterable, loaders, epoch_batches in sources:
+                limit = self.scan_before_fit if epoch_batches is None else min(self.scan_before_fit, epoch_batches)
+                it = iter(iterable) if limit > 0 else iter(())
+                iterators.append(it)
+                first = next(it, end)
+                firsts.append(first)
+                planned.append(0 if first is end else limit)
+            device = getattr(trainer.strategy, "root_device", None) or torch.device("cpu")
+            counts = self._agree_counts(planned, device)
+            n_train = sum(c for (split, *_), c in zip(sources, counts) if split == "train")
+            n_val = sum(c for (split, *_), c in zip(sources, counts) if split != "train")
+            partial = tuple(split for (split, _, _, loaders, epoch_batches), c in zip(sources, counts)
+                            if c and (epoch_batches is None or c < epoch_batches)
+                            and any(_ordered(dl) for dl in loaders))
+            for split in partial:
+                self._note(f"scan:partial:{split}",
+                           f"DataQualityMonitor: the {split} dataloader reads in a fixed order and the scan reads "
+                           f"only its first batches: their distribution is no sample of the split, so drift, label "
+                           f"shift, class balance and constant features are left to the checks during training.")
+            self._scan = _Scan(n_train, n_val, world_size(), partial)
+            for (split, idx, _, loaders, _), it, first, count in zip(sources, iterators, firsts, counts):
+                if count <= 0:
+                    continue
+                sp = self._split(split)
+                sp.row_limit, sp.limit_known = (self._row_limit(loaders[0]) if len(loaders) == 1 else None), True
+                raw = first
+                for i in range(count):
+                    if i:
+                        raw = next(it, end)
+                        if raw is end:
+                            break
+                    if split == "train":
+                        raw = raw[0]  # CombinedLoader yields (batch, batch_idx, dataloader_idx)
+                    batch = self._scan_batch(trainer, pl_module, split, idx, raw)
+                    self._observe(trainer, pl_module, sp, batch, i)  # marker: the batch index in the scan
+                    if split == "train" and i == 0:
+                        self.sampled = True  # read the input scale of the first batch now
+                        self._check_scale(trainer, pl_module, sp, batch, 0)
+                        self.sampled = False
+                if sp.specs is not None:
+                    self._epoch_end(trainer, pl_module, sp)
+            logger.info("lightwatch: DataQualityMonitor scanned %d train and %d val batch(es) before training in "
+                        "%.2f s", n_train, n_val, time.perf_counter() - started)
+        finally:
+            for _, _, iterable, _, _ in sources:
+                for fresh in (iterable.flattened if hasattr(iterable, "flattened") else [iterable]):
+                    if isinstance(fresh, _FreshIterable):
+                        fresh.close()
+            self._leave_scan(saved)
+            states.restore()
+
+    def _agree_counts(self, counts: List[int], device: torch.device) -> List[int]:
+        """The smallest of each count over the ranks (two MAX all-reduces under DDP: the number of counts,
+        then the negated counts; a rank with fewer splits counts 0 for the missing ones)."""
+        if not distributed_ready():
+            return counts
+        size = torch.tensor([float(len(counts))], dtype=_F64, device=device)
+        n = int(agree_max(size).item())
+        buf = torch.zeros(n, dtype=_F64)
+        buf[:len(counts)] = -torch.tensor([float(c) for c in counts], dtype=_F64)
+        agreed = agree_max(buf.to(device)).tolist()
+        return [int(-v) for v in agreed[:len(counts)]]
+
+    def _enter_scan(self) -> Dict[str, Any]:
+        """Put the monitor on separate state for the scan; returns what :meth:`_leave_scan` puts back."""
+        saved = {name: getattr(self, name) for name in _SCAN_ISOLATED}
+        saved["cooldown"] = self.cooldown.state_dict()
+        self._splits = {}
+        self._edges = dict(self._edges)
+        self._schemas = {k: _Schema(v.dtype, list(v.dims), v.frozen, v.source) for k, v in self._schemas.items()}
+        self._classes, self._class_source = dict(self._classes), dict(self._class_source)
+        self._label_max, self._ranges = dict(self._label_max), dict(self._ranges)
+        self._restored_ranges = dict(self._restored_ranges)
+        self._profile = DataProfile()
+        self._train_hashes_last = torch.zeros(0, dtype=torch.int64)
+        self._reported = set(self._reported)
+        self._scale_probe, self._scale_checked = None, False
+        return saved
+
+    def _leave_scan(self, saved: Dict[str, Any]) -> None:
+        self._scan = None
+        # the cooldown too: a later alert that is louder than the scan's is recorded, not held back
+        self.cooldown.load_state_dict(saved.pop("cooldown"))
+        for name, value in saved.items():
+            setattr(self, name, value)
+
     # ---------------------------------------------------------------------------- hooks: evaluation
     def _eval_epoch_start(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if getattr(trainer, "sanity_checking", False):
@@ -1313,10 +1660,14 @@ class DataQualityMonitor(MonitorCallback):
             self._alert_simple(trainer, pl_module, sp, "empty_batch", empty, -host_first[0], step, evaluation,
                                "empty batch(es) (0 samples). Check the sampler, filtering in the dataset or "
                                "collate_fn, and drop_last.")
-        if own:
+        if own and self._scan is None:
             self.writer.write_scalars(trainer, scalars, step)
 
     def _where(self, sp: _Split, first: float, step: int, evaluation: bool) -> Tuple[str, int]:
+        if self._scan is not None:
+            # markers of the scan are its batch indices: the scan's order is not the order training will read
+            # (a shuffling loader draws another permutation), so the alert is at the scan's step, 0
+            return f"first in {sp.name} batch {int(first)} of the scan", step
         if evaluation:
             return f"first in {sp.name} batch {int(first)} (during step {step})", step
         return f"first at step {int(first)}", int(first)
@@ -1382,13 +1733,40 @@ class DataQualityMonitor(MonitorCallback):
     def _raise(self, trainer: Any, pl_module: Any, check: _Check, *, subject: str, value: Optional[float],
                message: str, step: int, threshold: Optional[float] = None, severity: Optional[str] = None) -> None:
         action = "log" if self._record_only else check.action
+        severity = severity or check.severity
+        key = self._scan_key(check.rule, subject)
+        if self._scan is not None:
+            message = f"{message} [{self._scan.describe()}]"
+            if action in _STEP_ACTIONS:
+                action = "warn"  # before training there is no optimizer step to skip or roll back
+            known = self._scan_alerts.get(key)
+            if known is None or SEVERITIES.index(severity) > SEVERITIES.index(known):
+                self._scan_alerts[key] = severity
+        elif key in self._scan_alerts and action not in _STEP_ACTIONS \
+                and SEVERITIES.index(severity) <= SEVERITIES.index(self._scan_alerts[key]):
+            # the scan before training reported this already (as loud or louder); a step action still acts
+            return
         if action == "skip_step":
             self._skip_step = logging_step(trainer)
-        severity = severity or check.severity
         if severity == "info" and severity != check.severity and action not in ("log", "warn"):
             action = "log"  # a weak finding never takes a control-flow action meant for a strong one
         self.raise_alert(trainer, pl_module, rule=check.rule, severity=severity, action=action,
                          subject=subject, value=value, threshold=threshold, message=message, step=step)
+
+    def _scan_key(self, rule: str, subject: Optional[str]) -> str:
+        """``rule|subject`` as the scan and the streaming checks compare it.
+
+        A drift alert names the most drifted feature of a field, which depends on the sample; the finding is
+        that the field drifted, so drift subjects are compared per field (``val/x.3`` -> ``val/x``).
+        """
+        if rule in ("data_drift", "data_drift_ref") and subject and "/" in subject:
+            split, rest = subject.split("/", 1)
+            sp = self._splits.get(split)
+            for name in sorted((s.name for s in (sp.specs or [])) if sp is not None else [], key=len, reverse=True):
+                if rest == name or rest.startswith(name + "."):
+                    subject = f"{split}/{name}"
+                    break
+        return f"{rule}|{subject or ''}"
 
     # ---------------------------------------------------------------------- distribution tier
     def _stat_list(self, sp: _Split) -> List[Any]:
@@ -1441,8 +1819,9 @@ class DataQualityMonitor(MonitorCallback):
         self._publish_counters(trainer, pl_module, sp, host_sum[2 * n:], host_max[len(hash_splits):], meta, step,
                                scalars)
         self._distribution_checks(trainer, pl_module, sp, step, scalars)
-        self.writer.write_scalars(trainer, scalars, step)
-        self._save_profile(trainer)
+        if self._scan is None:  # the scan reports through alerts only: its curves would mix with training's
+            self.writer.write_scalars(trainer, scalars, step)
+            self._save_profile(trainer)
 
     def _gather_hashes(self, splits: List[_Split], rows: List[int], device: torch.device) -> None:
         """Every rank's new sample hashes, in one all-gather (the row counts were agreed by the MAX)."""
@@ -1517,7 +1896,9 @@ class DataQualityMonitor(MonitorCallback):
             self._check_duplicates(trainer, pl_module, sp, d, step)
         if self.duplicates and name != "train":
             self._check_leakage(trainer, pl_module, sp, cur, step, scalars)
-        if self.distribution:
+        biased = self._scan is not None and (name in self._scan.partial or (
+            name != "train" and "train" in self._scan.partial))
+        if self.distribution and not biased:
             for s in sp.specs or []:
                 fp = cur.fields.get(s.name)
                 if fp is None:
@@ -1785,7 +2166,7 @@ class DataQualityMonitor(MonitorCallback):
     def _write_label_histogram(self, trainer: Any, subject: str, counts: List[float], step: int) -> None:
         n = len(counts)
         total = sum(counts)
-        if n == 0 or total <= 0:
+        if n == 0 or total <= 0 or self._scan is not None:
             return
         sum_v = sum(c * i for i, c in enumerate(counts))
         sum_sq = sum(c * i * i for i, c in enumerate(counts))
@@ -1862,6 +2243,8 @@ class DataQualityMonitor(MonitorCallback):
             "learned": bool(self._learned),
             "scale_checked": bool(self._scale_checked),
             "reported": sorted(f"{a}|{b}" for a, b in self._reported),
+            "scan_done": bool(self._scan_done),
+            "scan_alerts": dict(self._scan_alerts),
             "profile": self._profile.to_dict(with_hashes=False),
         })
         return state
@@ -1880,6 +2263,9 @@ class DataQualityMonitor(MonitorCallback):
         self._learned = bool(state_dict.get("learned", False))
         self._scale_checked = bool(state_dict.get("scale_checked", self._learned))
         self._reported = {tuple(x.split("|", 1)) for x in state_dict.get("reported", [])}  # type: ignore[misc]
+        self._scan_done = bool(state_dict.get("scan_done", False))
+        self._scan_alerts = {str(k): str(v) for k, v in dict(state_dict.get("scan_alerts", {})).items()
+                             if v in SEVERITIES}
         try:
             self._profile = DataProfile.from_dict(state_dict.get("profile", {}), "<checkpoint>")
         except ProfileError as err:
