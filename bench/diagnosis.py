@@ -285,11 +285,18 @@ def _lightwatch_detection(alerts: List[Dict[str, Any]], run: Any, fault: Any) ->
     ``detected``: an alert of severity warning or worse at or after the onset; ``diagnosed``: one whose
     rule names the fault's cause (:attr:`Fault.diagnoses`); ``diagnosed_info``: such a rule fired, at
     ``info`` only. The location is checked on the first diagnosing alert, else on the first detecting one.
+    A data fault is in the data from the start, and its onset is the step training first meets it (the
+    first NaN batch): an alert before that counts when it names the cause (the scan before training found
+    it), and its delay is negative.
     """
     ordered = [a for _, a in sorted(enumerate(alerts), key=lambda ia: (int(ia[1].get("step", 0)), ia[0]))]
+
+    def counts(a: Dict[str, Any]) -> bool:
+        return a["step"] >= run.onset or (fault.kind == "data" and fault.names_cause(a["source"], a["rule"]))
+
     warn = [a for a in ordered if _at_least(a["severity"], "warning")]
-    after = [a for a in warn if a["step"] >= run.onset]
-    any_after = [a for a in ordered if a["step"] >= run.onset]
+    after = [a for a in warn if counts(a)]
+    any_after = [a for a in ordered if counts(a)]
     right = [a for a in any_after if fault.names_cause(a["source"], a["rule"])]
     right_warn = [a for a in right if _at_least(a["severity"], "warning")]
     first = after[0] if after else None

@@ -629,8 +629,9 @@ def test_ddp_counts_and_histograms_equal_one_process_and_decisions_agree(tmp_pat
     # the val end did not repeat it; the profile compared above is the streaming one, unchanged by the scan
     assert [a for a in ranks[0]["alerts"] if a[0] == "data_leakage"] == [["data_leakage", 0, "val/_all"]]
     # its collectives, the same on each rank: two MAX to agree on the batch counts, one MAX on the first batch's
-    # input scale, one MAX and one SUM per split (train, val); its edges come from the reference
-    assert ranks[0]["collectives"]["-1"] == ranks[1]["collectives"]["-1"] == 2 + 1 + 2 * 2
+    # input scale, one MAX and one SUM per split (train, val), one SUM of the nearest-neighbour label agreement
+    # (labels_unrelated); its edges come from the reference
+    assert ranks[0]["collectives"]["-1"] == ranks[1]["collectives"]["-1"] == 2 + 1 + 2 * 2 + 1
     assert one_writer(tmp_path / "ddp")
     # without a reference, the edges come from the first batch of each rank, averaged: the same everywhere
     assert ranks[0]["noref_edges"] == ranks[1]["noref_edges"]

@@ -25,8 +25,10 @@ SCAN = "found by the data scan before training"
 
 # ------------------------------------------------------------------------------------------ helpers
 def tabular(n: int, seed: int, classes: int = 3, features: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A learnable task: the label is the largest of the first ``classes`` features."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, features, generator=g)
+    return x, x[:, :classes].argmax(1)
 
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 16, shuffle: bool = False) -> DataLoader:
@@ -338,3 +340,33 @@ def test_the_hydra_policies_set_the_scan() -> None:
         assert (monitor.scan_before_fit, monitor.scan_iterable) == (8, True)
         with pytest.raises(ConfigCompositionException):
             compose(overrides=["+monitor=default", "monitor.data_quality.scan_before_fit=many"])
+
+
+# ----------------------------------------------------------------------------- labels unrelated to inputs
+def test_shuffled_labels_are_named_before_training_and_again_when_the_loss_stays_up(tmp_path: Any) -> None:
+    from lightwatch.callbacks import MetricMonitor
+
+    x, y = tabular(512, 0)
+    shuffled = y[torch.randperm(512, generator=torch.Generator().manual_seed(1))]
+    fit(tmp_path / "shuffled", DataQualityMonitor(scan_before_fit=64), loader(x, shuffled, shuffle=True),
+        max_steps=80, model=Classifier(lr=0.2), callbacks=[MetricMonitor(every_n_steps=5)])
+    found = alerts(tmp_path / "shuffled", "data_labels_unrelated")[0]
+    assert (found["step"], found["severity"], found["subject"]) == (0, "info", "train/_all")
+    assert found["value"] < 3 and SCAN in found["message"]
+    # the run then does not learn: loss_not_learning takes the name of the finding that explains it
+    (gate,) = [a for a in alerts(tmp_path / "shuffled") if a["source"] == "MetricMonitor"]
+    assert (gate["rule"], gate["severity"]) == ("data_labels_unrelated", "warning")
+    assert "That is the likely cause" in gate["message"]
+    # the same data with its labels in place: the labels follow the inputs (z far above 3), nothing is said
+    fit(tmp_path / "paired", DataQualityMonitor(scan_before_fit=64), loader(x, y, shuffle=True), max_steps=4)
+    assert alerts(tmp_path / "paired", "data_labels_unrelated") == []
+
+
+def test_too_few_rows_or_a_switched_off_check_say_nothing(tmp_path: Any) -> None:
+    x, y = tabular(512, 0)
+    shuffled = y.flip(0)
+    fit(tmp_path / "few", DataQualityMonitor(scan_before_fit=8), loader(x, shuffled), max_steps=2)  # 128 rows
+    assert alerts(tmp_path / "few", "data_labels_unrelated") == []
+    fit(tmp_path / "off", DataQualityMonitor(scan_before_fit=64, checks={"labels_unrelated": None}),
+        loader(x, shuffled), max_steps=2)
+    assert alerts(tmp_path / "off", "data_labels_unrelated") == []

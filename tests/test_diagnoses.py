@@ -38,9 +38,12 @@ def test_initialisation_scale(tmp_path: Any, seed: int, scale: float, rule: str)
     assert alert["subject"] == "net.0.weight" and alert["step"] == 0 and alert["severity"] == "warning"
 
 
-def test_learning_rate_far_too_high(tmp_path: Any, seed: int) -> None:
-    alert = next(a for a in alerts_of(tmp_path, Classifier(lr=20.0), max_steps=5) if a["rule"] == "update_ratio_high")
+@pytest.mark.parametrize("lr", [5.0, 20.0])  # 20: the first step kills every unit, nothing moves after it
+def test_learning_rate_far_too_high(tmp_path: Any, seed: int, lr: float) -> None:
+    alerts = alerts_of(tmp_path, Classifier(lr=lr), max_steps=5)
+    alert = next(a for a in alerts if a["rule"] == "update_ratio_high")
     assert alert["step"] == 4 and alert["value"] > 0.1
+    assert "update_ratio_low" not in rules(alerts, severity="info")  # a dead network is not a rate too low
 
 
 def test_tiny_updates_during_a_learning_rate_warmup_are_not_a_learning_rate_fault(tmp_path: Any, seed: int) -> None:

@@ -789,3 +789,41 @@ def test_updates_on_cuda_do_not_sync_and_match_cpu() -> None:
             assert sa["count"] == sb["count"] and rel_close(b.compute()["var"].cpu(), a.compute()["var"], 1e-9)
         else:
             assert sa == sb, type(a).__name__
+
+
+# ----------------------------------------------------------------------------- NeighbourLabelAgreement
+def test_label_agreement_is_calibrated_on_labels_unrelated_to_the_inputs() -> None:
+    from lightwatch.metrics import NeighbourLabelAgreement
+
+    zs = []
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        signal = NeighbourLabelAgreement()
+        signal.update(torch.randn(800, 6, generator=g), torch.randint(0, 4, (800,), generator=g))
+        out = signal.compute()
+        assert out["chance"] == pytest.approx(0.25, abs=0.02)
+        zs.append(out["z"])
+    # mutual nearest neighbours and shared neighbours make the events dependent; the variance accounts for it
+    assert abs(float(np.mean(zs))) < 0.5 and 0.6 < float(np.std(zs)) < 1.5 and max(zs) < 4
+
+
+def test_label_agreement_finds_labels_that_depend_on_the_inputs_through_a_projection() -> None:
+    from lightwatch.metrics import NeighbourLabelAgreement
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(600, 3, 16, 16, generator=g)  # 768 features: projected to 64 dimensions
+    labels = (images[:, 0].mean((1, 2)) > 0).long()
+    images[:, 0] += 2.0 * (labels.float() - 0.5)[:, None, None]  # class shifts channel 0
+    signal = NeighbourLabelAgreement(max_rows=500)
+    signal.update(images[:300], labels[:300])
+    bad = images[300:].clone()
+    bad[0, 0, 0, 0] = float("nan")  # rows with a non-finite value are left out
+    signal.update(bad, labels[300:])
+    out = signal.compute()
+    assert out["rows"] == 500 and out["z"] > 10 and out["agreement"] > 0.8
+    # sums of two halves combine like one process (the DDP reduction is a SUM of these four numbers)
+    half = [NeighbourLabelAgreement(), NeighbourLabelAgreement()]
+    half[0].update(images[:300], labels[:300])
+    half[1].update(images[300:], labels[300:])
+    summed = NeighbourLabelAgreement.score(half[0].sums() + half[1].sums())
+    assert summed["rows"] == 600 and summed["z"] > 10

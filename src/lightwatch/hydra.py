@@ -345,6 +345,8 @@ class DataCheckConf:
     psi_warn: Optional[float] = None
     ks_warn: Optional[float] = None
     warn_above: Optional[float] = None
+    min_z: Optional[float] = None
+    min_rows: Optional[float] = None
 
 
 @dataclass
@@ -365,6 +367,7 @@ class DataChecksConf:
     duplicates: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
     leakage: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
     class_imbalance: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
+    labels_unrelated: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
 
 
 @dataclass

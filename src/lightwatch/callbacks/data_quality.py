@@ -59,6 +59,7 @@ from lightwatch.metrics import (
     psi_threshold,
 )
 from lightwatch.metrics.histogram import quantile_edges, strictly_increasing
+from lightwatch.metrics.label_signal import NeighbourLabelAgreement
 from lightwatch.profile import DataProfile, FieldProfile, ProfileError, SplitProfile, dtype_name, parse_dtype
 
 __all__ = ["DataQualityMonitor", "CHECKS"]
@@ -105,13 +106,19 @@ CHECKS: Dict[str, Dict[str, Any]] = {
     "leakage": {"tier": "epoch", "action": "warn", "severity": "warning", "threshold": 0.0},
     # the rarest class below `ratio` of a uniform share (healthy digits: >= 0.87; harmful imbalance: 0.06)
     "class_imbalance": {"tier": "epoch", "action": "warn", "severity": "warning", "ratio": 0.2},
+    # scan before training only: labels no nearer to their inputs' nearest neighbours' labels than chance
+    # (leave-one-out 1-NN agreement, z against chance below `min_z` over at least `min_rows` rows). Healthy
+    # digits z ~100, shuffled labels |z| < 3, 70% label noise z ~11. `info`: inputs whose raw distances mean
+    # little (raw audio, say) read near chance too; the not-learning check raises it when the loss stays up.
+    "labels_unrelated": {"tier": "scan", "action": "log", "severity": "info", "min_z": 3.0, "min_rows": 200},
 }
 # Allowed range of each numeric parameter: (low, high, low inclusive).
 _PARAM_BOUNDS = {"alpha": (0.0, 1.0, False), "psi_floor": (0.0, math.inf, True), "ks_floor": (0.0, 1.0, True),
                  "floor": (0.0, 1.0, True), "threshold": (0.0, 1.0, True), "margin": (0.0, math.inf, True),
                  "tolerance": (0.0, 1.0, True), "ratio": (0.0, 1.0, False), "max_abs_mean": (0.0, math.inf, False),
                  "min_rms": (0.0, math.inf, True),
-                 "psi_warn": (0.0, math.inf, True), "ks_warn": (0.0, 1.0, True), "warn_above": (0.0, 1.0, True)}
+                 "psi_warn": (0.0, math.inf, True), "ks_warn": (0.0, 1.0, True), "warn_above": (0.0, 1.0, True),
+                 "min_z": (0.0, math.inf, True), "min_rows": (10.0, 1e6, True)}
 
 
 @dataclass(frozen=True)
@@ -1419,6 +1426,7 @@ class DataQualityMonitor(MonitorCallback):
                            f"only its first batches: their distribution is no sample of the split, so drift, label "
                            f"shift, class balance and constant features are left to the checks during training.")
             self._scan = _Scan(n_train, n_val, world_size(), partial)
+            signal = NeighbourLabelAgreement() if self.checks["labels_unrelated"].enabled and n_train else None
             for (split, idx, _, loaders, _), it, first, count in zip(sources, iterators, firsts, counts):
                 if count <= 0:
                     continue
@@ -1434,12 +1442,16 @@ class DataQualityMonitor(MonitorCallback):
                         raw = raw[0]  # CombinedLoader yields (batch, batch_idx, dataloader_idx)
                     batch = self._scan_batch(trainer, pl_module, split, idx, raw)
                     self._observe(trainer, pl_module, sp, batch, i)  # marker: the batch index in the scan
+                    if split == "train" and signal is not None and not signal.full:
+                        self._sample_labels(sp, batch, signal)
                     if split == "train" and i == 0:
                         self.sampled = True  # read the input scale of the first batch now
                         self._check_scale(trainer, pl_module, sp, batch, 0)
                         self.sampled = False
                 if sp.specs is not None:
                     self._epoch_end(trainer, pl_module, sp)
+            if signal is not None:
+                self._check_labels_unrelated(trainer, pl_module, signal, device)
             logger.info("lightwatch: DataQualityMonitor scanned %d train and %d val batch(es) before training in "
                         "%.2f s", n_train, n_val, time.perf_counter() - started)
         finally:
@@ -1449,6 +1461,38 @@ class DataQualityMonitor(MonitorCallback):
                         fresh.close()
             self._leave_scan(saved)
             states.restore()
+
+    def _sample_labels(self, sp: _Split, batch: Any, signal: NeighbourLabelAgreement) -> None:
+        """Rows of the first floating input and of the class labels, for ``labels_unrelated``."""
+        specs = sp.specs or []
+        inputs = [s for s in specs if s.role == "input" and s.kind == "numeric" and s.floating]
+        labels = [s for s in specs if s.role == "target" and s.kind == "labels"]
+        if len(inputs) >= 1 and len(labels) == 1:
+            x, y = self.selector.get(batch, inputs[0].field), self.selector.get(batch, labels[0].field)
+            if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and y.dim() == 1:
+                signal.update(x, y)
+
+    def _check_labels_unrelated(self, trainer: Any, pl_module: Any, signal: NeighbourLabelAgreement,
+                                device: torch.device) -> None:
+        """``labels_unrelated``: the scanned labels agree with their nearest neighbours' no more than by chance.
+
+        One SUM all-reduce of four numbers under DDP (every rank scanned the agreed number of train batches).
+        """
+        check = self.checks["labels_unrelated"]
+        sums = signal.sums().to(device)
+        all_reduce_flat(sums, None)
+        found = NeighbourLabelAgreement.score(sums.cpu())
+        if found["rows"] < check["min_rows"] or not found["z"] < check["min_z"]:
+            return
+        self._raise(
+            trainer, pl_module, check, subject="train/_all", value=found["z"], threshold=check["min_z"], step=0,
+            message=(f"the training labels look unrelated to the inputs: the nearest neighbour (standardised inputs) "
+                     f"of a training sample carries the same label for {found['agreement']:.1%} of "
+                     f"{int(found['rows'])} scanned samples, which is chance ({found['chance']:.1%}; z = "
+                     f"{found['z']:.2g}). Likely: labels shuffled or misaligned with their inputs (a sort or a "
+                     f"shuffle applied to one of them, a join on the wrong key). Fine for inputs whose raw "
+                     f"distances mean little (token ids, raw audio); if the loss then does not fall, this is the "
+                     f"first thing to check."))
 
     def _agree_counts(self, counts: List[int], device: torch.device) -> List[int]:
         """The smallest of each count over the ranks (two MAX all-reduces under DDP: the number of counts,

@@ -64,7 +64,8 @@ class GradientStatsMonitor(MonitorCallback):
     last one's ([0.05, 21]; warning). Update ratios wait for a later step because Adam's first updates are
     about ``lr`` per element whatever the gradient, so step 0 says little about the learning rate; and while
     the learning rate is rising (a warmup) small updates are the intent, so ``update_ratio_low`` waits for
-    the first check after the rise.
+    the first check after the rise. A step-0 update above 10% followed by no movement at all (< 0.01%) at the
+    first check is ``update_ratio_high``: the first steps killed the network, which is not a rate too low.
 
     Args:
         every_n_steps: sampling interval; ``None`` follows ``Trainer(log_every_n_steps)``.
@@ -143,6 +144,7 @@ class GradientStatsMonitor(MonitorCallback):
         self._checks_done = 0
         self._ratio_checked = False
         self._lrs: Optional[List[float]] = None  # learning rates at the previous check (a warmup defers ratio_low)
+        self._first_update: Optional[Tuple[float, int]] = None  # largest update ratio of step 0, and its weight
         self._stale_checks_left = 3
         # grad_stale flags: read at once on the CPU, one step late on CUDA (no host sync in the step itself)
         self._stale_readback: HostReadback = HostReadback()
@@ -446,13 +448,26 @@ class GradientStatsMonitor(MonitorCallback):
                              f"unused in the loss, or detached; fine for unused heads, a bug otherwise."))
         lrs = learning_rates(trainer)
         warming_up, self._lrs = lr_rising(self._lrs, lrs), lrs
+        ratios = [(math.sqrt(delta_sq[i] / before_sq[i]), i) for i in layers
+                  if self.track_update_ratio and before_sq[i] > 0 and math.isfinite(delta_sq[i])]
+        if step == 0 and ratios:
+            self._first_update = max(ratios)  # the update of step 0: read only to explain a network that died
         if step > 0 and not self._ratio_checked:
             self._ratio_checked = True
-            ratios = [(math.sqrt(delta_sq[i] / before_sq[i]), i) for i in layers
-                      if self.track_update_ratio and before_sq[i] > 0 and math.isfinite(delta_sq[i])]
             if ratios:
                 ratio, i = max(ratios)
-                if ratio < 3e-3 and warming_up:  # small steps are the point of a warmup: judge after it
+                first = self._first_update
+                if ratio < 1e-4 and first is not None and first[0] > 0.1:
+                    # a first update that large, then nothing moves: the first steps killed the network (every
+                    # unit dead, no gradient), which reads as tiny updates but is a learning rate far too high
+                    self.raise_alert(
+                        trainer, pl_module, rule="update_ratio_high", severity="warning", subject=self._names[first[1]],
+                        value=first[0], threshold=0.1, step=step, message=(
+                            f"the first optimizer step changed '{self._names[first[1]]}' by {100 * first[0]:.3g}% of "
+                            f"its norm, and by step {step} no weight moves any more ({ratio:.2g}): the first updates "
+                            f"were so large that they killed the network (units dead, gradients zero). The learning "
+                            f"rate is far too high; lower it about 10x, or warm it up."))
+                elif ratio < 3e-3 and warming_up:  # small steps are the point of a warmup: judge after it
                     self._ratio_checked = False
                 elif ratio > 0.1 or ratio < 3e-3:
                     high = ratio > 0.1

@@ -37,7 +37,8 @@ _NOT_LEARNING = "loss_not_learning"
 _LEARNING_MIN_STEPS = 50
 _LEARNING_RATIO = 0.85
 # earlier findings that explain a loss that does not go down, most specific first: the alert is named after one
-_LEARNING_CAUSES = ("frozen_parameters", "grad_missing", "update_ratio_low", "output_probabilities")
+_LEARNING_CAUSES = ("frozen_parameters", "grad_missing", "update_ratio_low", "output_probabilities",
+                    "data_labels_unrelated")
 # Per-step spike score: robust z of each step's loss against the median/MAD of the previous 50 steps. On the
 # fault suite's healthy runs the largest z over a run was 1.3 to 8.1 (MAD floored at 1% of the median); a
 # learning rate x30 for two steps gave 28 to 77 (15 sits between). A check-level z never saw that spike.

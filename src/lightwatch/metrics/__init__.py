@@ -6,7 +6,8 @@ Statistics (all with ``update``, ``merge``, ``compute``, ``reset``, ``state_dict
 - :class:`Histogram`: per-feature fixed-bin counts with underflow/overflow/NaN buckets;
 - :class:`LabelCounts`: class counts with out-of-range, NaN and non-integer labels counted;
 - :class:`CardinalitySketch`: HyperLogLog distinct counts of samples or of values per feature;
-- :class:`SampleHasher`: exact duplicates within a split and leakage between splits.
+- :class:`SampleHasher`: exact duplicates within a split and leakage between splits;
+- :class:`NeighbourLabelAgreement`: whether labels depend on the inputs at all (1-NN agreement vs chance).
 
 The first four reduce across DDP ranks with one MAX and one SUM all-reduce of flat float64 buffers
 (:func:`pack_max`, :func:`pack_sum`, :func:`load_packed`, :func:`all_reduce_statistics`);
@@ -41,6 +42,7 @@ from lightwatch.metrics.duplicates import SampleHasher
 from lightwatch.metrics.features import to_feature_matrix
 from lightwatch.metrics.hashing import hash_rows, hash_values
 from lightwatch.metrics.histogram import Histogram
+from lightwatch.metrics.label_signal import NeighbourLabelAgreement
 from lightwatch.metrics.labels import LabelCounts
 from lightwatch.metrics.moments import Moments, chan_merge
 from lightwatch.metrics.sketch import CardinalitySketch
@@ -52,6 +54,7 @@ __all__ = [
     "KSResult",
     "LabelCounts",
     "Moments",
+    "NeighbourLabelAgreement",
     "ReducibleStatistic",
     "SampleHasher",
     "Statistic",
