@@ -363,11 +363,11 @@ def not_learning_alerts(tmp_path: Any, model: pl.LightningModule, shuffle_labels
     return [a for a in read_alerts(str(tmp_path)) if a["severity"] != "info"]
 
 
-def test_a_run_that_does_not_learn_is_named_once_at_the_first_epoch_end_after_step_50(tmp_path: Any,
-                                                                                       seed: int) -> None:
+def test_a_run_that_does_not_learn_is_named_once_at_the_first_check_after_step_50(tmp_path: Any,
+                                                                                   seed: int) -> None:
     (alert,) = not_learning_alerts(tmp_path, Classifier(lr=0.2), shuffle_labels=True)
     assert (alert["rule"], alert["severity"], alert["subject"]) == ("loss_not_learning", "warning", "monitor.step/loss")
-    assert alert["step"] == 64 and alert["value"] >= 0.85  # epochs end at steps 16, 32, 48, 64
+    assert alert["step"] == 54 and alert["value"] >= 0.85  # checks at steps 4, 9, ..., 49, 54
     assert "labels may not be learnable" in alert["message"] and "against" in alert["message"]
 
 
@@ -382,9 +382,9 @@ def test_a_flat_loss_during_a_learning_rate_warmup_is_judged_after_the_warmup(tm
     trainer = make_trainer(tmp_path, [MetricMonitor(every_n_steps=5)], max_steps=120)
     trainer.fit(WarmedUpClassifier(warmup=100, lr=0.2), labelled_loader(shuffle_labels=True))
     (alert,) = [a for a in read_alerts(str(tmp_path)) if a["severity"] != "info"]
-    # epochs end at 16, 32, ..., 112: the learning rate rises until step 100, so the epoch ends at 64, 80 and
-    # 96 are skipped, and the first one after the warmup decides
-    assert (alert["rule"], alert["step"]) == ("loss_not_learning", 112)
+    # the learning rate rises until step 100: the checks from 54 to 104 see it rise over their last three
+    # checks (the window of 104 is 94, 99, 104), and the first check with a flat rate decides
+    assert (alert["rule"], alert["step"]) == ("loss_not_learning", 109)
 
 
 def test_not_learning_takes_the_name_of_an_earlier_finding_that_explains_it(tmp_path: Any, seed: int) -> None:
@@ -397,7 +397,7 @@ def test_not_learning_takes_the_name_of_an_earlier_finding_that_explains_it(tmp_
     alerts = not_learning_alerts(tmp_path, model, shuffle_labels=False,
                                  callbacks=[GradientStatsMonitor(every_n_steps=5)])
     (alert,) = [a for a in alerts if a["source"] == "MetricMonitor"]
-    assert (alert["rule"], alert["subject"], alert["step"]) == ("frozen_parameters", "net.0.weight", 64)
+    assert (alert["rule"], alert["subject"], alert["step"]) == ("frozen_parameters", "net.0.weight", 54)
     assert "That is the likely cause" in alert["message"]
 
 

@@ -30,7 +30,7 @@ __all__ = ["MetricMonitor", "default_rules"]
 _POINTS = ("every_step", "step", "validation", "epoch", "epoch_late")
 _NEGATIVE = "loss_negative"
 _NOT_LEARNING = "loss_not_learning"
-# loss_not_learning: checked once, at the first training-epoch end at or after this step, against the loss of
+# loss_not_learning: checked once, at the first step check at or after this step, against the loss of
 # the first step. On the fault suite the loss at steps 40-59 is <= 0.25 of the first loss on healthy runs and
 # >= 0.91 on every not-learning fault (shuffled or noisy labels, frozen layers, learning rate / 1000, softmax
 # before the loss); 0.85 sits between, closer to the faults, since slow but real learning must stay quiet.
@@ -125,10 +125,10 @@ class MetricMonitor(MonitorCallback):
     median loss of the steps since the previous check (at least 10) against the median and MAD (plus 1% of the
     median) of the 50 steps before them, from the same device ring.
 
-    Built-in check ``loss_not_learning`` (on by default, with the built-in rules): once, at the first
-    training-epoch end at or after step 50 at which the learning rate is no longer rising (a warmup defers it:
-    a flat loss is expected while the rate is still near 0), the median loss of the last three step checks is
-    still at least 85% of the first step's loss. The alert is named after an earlier finding that explains it
+    Built-in check ``loss_not_learning`` (on by default, with the built-in rules): once, at the first step
+    check at or after step 50 at which the learning rate is no longer rising (a warmup defers it: a flat loss
+    is expected while the rate is still near 0), the median loss of the last three step checks is still at
+    least 85% of the first step's loss. The alert is named after an earlier finding that explains it
     (``frozen_parameters``, ``grad_missing``, ``update_ratio_low``, ``output_probabilities``,
     ``data_labels_unrelated``) when one was raised, else ``loss_not_learning``. Switch it off with ``rules={"loss_not_learning": None}`` (fine-tuning a
     model whose loss is expected to fall slowly).
@@ -433,8 +433,6 @@ class MetricMonitor(MonitorCallback):
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._check(trainer, pl_module, "epoch")
-        if self.learning_check and not self._learning_checked:
-            self._check_learning(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if int(getattr(trainer, "current_epoch", 0)) == 0 and not self._seen:
@@ -471,6 +469,7 @@ class MetricMonitor(MonitorCallback):
             self._check_negative_loss(trainer, pl_module, stats.get(self.loss_metric), step)
         if learning:
             self._remember_learning(trainer, stats, step)
+            self._check_learning(trainer, pl_module)
         self._seen.update(name for name, s in stats.items() if s.present)
         for rule in rules:
             if rule.last_score is not None and rule.last_point == point:
@@ -516,7 +515,7 @@ class MetricMonitor(MonitorCallback):
         return len(self._recent_lrs) >= 2 and lr_rising(self._recent_lrs[0], self._recent_lrs[-1])
 
     def _check_learning(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """``loss_not_learning``: once, at the first training-epoch end at or after step 50 outside a warmup.
+        """``loss_not_learning``: once, at the first step check at or after step 50 outside a warmup.
 
         The median loss of the last three checks against the first step's loss (both reduced over ranks, so
         every rank decides alike). At or above 0.85 of it, the run is not learning. The alert takes the name of
@@ -525,7 +524,7 @@ class MetricMonitor(MonitorCallback):
         """
         step = logging_step(trainer)
         if step < _LEARNING_MIN_STEPS or not self._recent_losses or self._warming_up():
-            return  # too early, or the learning rate is still warming up: judged at a later epoch end
+            return  # too early, or the learning rate is still warming up: judged at a later check
         self._learning_checked = True
         if self._loss_reference is None:
             return  # resumed past the first step, or the first loss was not finite
