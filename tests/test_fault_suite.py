@@ -359,3 +359,38 @@ def test_diagnosis_script_smoke(tmp_path: Any) -> None:
     assert any(tag.endswith("/norm") for tag in raw["raw"]["tensorboard"])
     assert raw["raw"]["observer"]["losses"]
     assert raw["alerts"] == raw["raw"]["alerts"]
+
+
+# ------------------------------------------------------------------ the CI slice: detection and silence
+# Faults the default policy names before the first optimizer step (step 0), faults it names within one logging
+# interval (10 steps) of their onset, and faults that show only as a run that does not learn (named at the
+# first check after step 50), one seed each; and three healthy seeds (three base models) that must raise no
+# warning. The full evaluation, every fault over 5 seeds and 20 healthy seeds, is `bench/diagnosis.py`; its
+# numbers are in the README.
+BEFORE_THE_FIRST_UPDATE = ("vanishing_gradients", "exploding_gradients", "dead_relu", "softmax_before_loss",
+                           "zero_init", "unnormalised_inputs", "nan_in_data", "train_val_leakage",
+                           "duplicated_samples", "class_imbalance", "covariate_shift")
+WITHIN_ONE_INTERVAL = ("lr_too_high", "lr_too_low", "forgotten_zero_grad", "wrong_loss")
+WHEN_NOT_LEARNING = ("shuffled_labels", "frozen_parameters")
+
+
+def test_the_default_policy_names_each_fault_in_time_and_stays_quiet_on_healthy_runs(tmp_path: Any) -> None:
+    out = tmp_path / "slice"
+    faults = BEFORE_THE_FIRST_UPDATE + WITHIN_ONE_INTERVAL + WHEN_NOT_LEARNING
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "diagnosis.py"), "--faults", ",".join(faults), "--seeds", "1",
+           "--healthy-seeds", "3", "--max-steps", "60", "--modes", "lightwatch", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads((out / "results.json").read_text())["records"]
+    found = {r["fault"]: r["detection"] for r in records if r["fault"] != "healthy"}
+    assert set(found) == set(faults)
+    for fault, d in found.items():
+        assert d["detected"] and d["diagnosed"], (fault, d)  # a warning, by the rule that names the cause
+        assert d["location_ok"] in (True, None), (fault, d["subject"])  # the right layer, split or feature
+    assert {f: found[f]["step"] for f in BEFORE_THE_FIRST_UPDATE} == {f: 0 for f in BEFORE_THE_FIRST_UPDATE}
+    assert all(found[f]["delay"] < 10 for f in WITHIN_ONE_INTERVAL), {f: found[f]["delay"] for f in WITHIN_ONE_INTERVAL}
+    assert all(found[f]["delay"] <= 59 for f in WHEN_NOT_LEARNING)
+    healthy = [r for r in records if r["fault"] == "healthy"]
+    assert len(healthy) == 3 and all(r["detection"]["rules"] == [] for r in healthy), [
+        r["detection"]["rules"] for r in healthy]

@@ -162,6 +162,11 @@ def healthy_base(seed: int) -> Tuple[str, Recipe]:
 _INT = re.compile(r"\d+")
 
 
+# The training loss under its two names: the module's `self.log("train/loss")` and the value lightwatch's
+# MetricMonitor reads itself from the loss handed to backward.
+_TRAINING_LOSS = ("train/loss", "monitor.step/loss")
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a fault lives, so the evaluation can check that an alert names it.
@@ -217,6 +222,8 @@ class Location:
         if self.split and self.split in parts:
             return True
         if self.metric and (s == self.metric or s.endswith(self.metric)):
+            return True
+        if self.metric in _TRAINING_LOSS and s in _TRAINING_LOSS:  # the training loss, logged or read by lightwatch
             return True
         names = {f for f in self.features if not f.isdigit()}
         if names & set(parts):
