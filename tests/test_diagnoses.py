@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import Classifier, WarmedUpClassifier, make_loader, make_trainer, read_alerts
+from conftest import Classifier, WarmedUpClassifier, make_loader, make_trainer, read_alerts, read_events, scalars
 from lightwatch import ActivationStatsMonitor, GradientStatsMonitor
 
 
@@ -93,6 +93,16 @@ def test_dead_units_at_initialisation_are_named_before_the_first_update(tmp_path
     dead = [a for a in alerts_of(tmp_path, _killed(Classifier(depth=2, hidden=16))) if a["rule"] == "act_dead"]
     assert len(dead) == 1 and (dead[0]["subject"], dead[0]["step"]) == ("net.3", 0)  # not again at later checks
     assert "at initialisation" in dead[0]["message"]
+
+
+def test_a_batch_of_one_sample_is_no_evidence_of_dead_units(tmp_path: Any, seed: int) -> None:
+    # with one sample per step, about half the units of a healthy ReLU layer are zero on it
+    monitors = [ActivationStatsMonitor(every_n_steps=1)]
+    trainer = make_trainer(tmp_path, monitors, max_steps=30, log_every_n_steps=1)
+    trainer.fit(Classifier(depth=2, hidden=4), make_loader(n=64, seed=1, batch_size=1))
+    dead = scalars(read_events(trainer.log_dir), "monitor.act/net.1/dead_frac")
+    assert max(dead.values()) > 0.6  # the statistic says so, often ...
+    assert "act_dead" not in rules(read_alerts(str(tmp_path)), severity="info")  # ... the diagnosis does not
 
 
 def test_dead_units_must_persist_during_training(tmp_path: Any, seed: int) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -38,6 +38,10 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.
 # this many activation layers (with two, a ratio says more about the input scale than about depth).
 _GROWTH_BOUND = 10.0
 _GROWTH_MIN_LAYERS = 3
+# act_dead: a unit counts as dead when it is zero for every sample of the batch; with fewer samples per unit
+# than this, a live ReLU unit (zero for about half its inputs) reads dead by chance (1 in 2 with one sample),
+# so the diagnosis skips such layers (the statistic is still written)
+_MIN_SAMPLES_PER_UNIT = 8
 _CHANNEL_FIRST = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
                   "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
                   "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
@@ -131,8 +135,9 @@ class ActivationStatsMonitor(MonitorCallback):
         histogram_every_n_steps: histogram interval; ``None`` = 10 sampling intervals, ``0`` = off.
         nonfinite_action: action for ``act_nonfinite``.
         nonfinite_severity: severity of ``act_nonfinite``.
-        diagnose: warn about ``act_dead`` (a rectifier with more than 60% dead units for 3 checks in a row;
-            healthy runs of the fault suite stay at or below 11%) and ``act_saturated`` (a bounded activation
+        diagnose: warn about ``act_dead`` (a rectifier with more than 60% dead units for 3 checks in a row,
+            judged only with at least 8 samples per unit in the batch; healthy runs of the fault suite stay at
+            or below 16%) and ``act_saturated`` (a bounded activation
             with more than 50% of its outputs saturated for 2 checks; healthy at or below 10%), and, at the
             first sampled step, ``output_probabilities`` (the last module's output rows are probability
             vectors: a softmax before a loss that expects logits). At step 0 (``check_first_step``) the model
@@ -438,6 +443,7 @@ class ActivationStatsMonitor(MonitorCallback):
         base += k
 
         stats: List[Tuple[str, Dict[str, float]]] = []
+        thin: Set[str] = set()  # rectifiers with too few samples per unit for a dead-unit verdict
         for i, name in enumerate(self._names):
             s, c, mx = sums[i], counts[i], maxes[i]
             n, n_sample = c[_C_N], c[_C_SAMPLE]
@@ -456,6 +462,8 @@ class ActivationStatsMonitor(MonitorCallback):
             units = self._units[i] if self._units else 0
             if self._rectifier[i] and units > 0:
                 row["dead_frac"] = (units - alive_counts[i]) / units
+                if n / units < _MIN_SAMPLES_PER_UNIT:
+                    thin.add(name)
             if self._bounded[i]:
                 row["saturation"] = s[_S_SAT] / n_sample
             stats.append((name, row))
@@ -477,7 +485,7 @@ class ActivationStatsMonitor(MonitorCallback):
             self.writer.write_histograms(trainer, hists, step)
 
         if self.diagnose:
-            self._diagnose(trainer, pl_module, stats, order, step)
+            self._diagnose(trainer, pl_module, stats, order, step, thin)
         if flagged:
             position = {name: order[i] for i, name in enumerate(self._names)}
             in_order = sorted(flagged, key=lambda name: position.get(name, 1 << 30))
@@ -509,7 +517,7 @@ class ActivationStatsMonitor(MonitorCallback):
                 f"takes probabilities on purpose, this is fine but numerically weaker than logits."))
 
     def _diagnose(self, trainer: Any, pl_module: Any, stats: List[Tuple[str, Dict[str, float]]], order: List[int],
-                  step: int) -> None:
+                  step: int, thin: Set[str]) -> None:
         """Dead rectifier units or saturated bounded activations that persist over consecutive checks.
 
         At step 0 the model is as initialised: one reading is enough (nothing has moved yet, and a unit dead
@@ -527,7 +535,8 @@ class ActivationStatsMonitor(MonitorCallback):
              "inputs to the activation are too large (weights too large, inputs not normalised); rescale the "
              "init or inputs, or add normalisation before it"),
         ):
-            over = [(name, row[stat]) for name, row in stats if row.get(stat, 0.0) > bound]
+            over = [(name, row[stat]) for name, row in stats if row.get(stat, 0.0) > bound
+                    and not (stat == "dead_frac" and name in thin)]
             streaks = self._streaks.setdefault(rule, {})
             for name in [n for n in streaks if n not in {o for o, _ in over}]:
                 del streaks[name]
