@@ -162,9 +162,9 @@ def healthy_base(seed: int) -> Tuple[str, Recipe]:
 _INT = re.compile(r"\d+")
 
 
-# The training loss under its two names: the module's `self.log("train/loss")` and the value lightwatch's
-# MetricMonitor reads itself from the loss handed to backward.
-_TRAINING_LOSS = ("train/loss", "monitor.step/loss")
+# The training loss under its names: the module's `self.log("train/loss")`, the value lightwatch's MetricMonitor
+# reads itself from the loss handed to backward, and that monitor's scores of it (spike and level shift).
+_TRAINING_LOSS = ("train/loss", "monitor.step/loss", "monitor.step/loss_shift_z", "monitor.step/loss_step_z")
 
 
 @dataclass(frozen=True)
