@@ -14,7 +14,6 @@ import random
 import socket
 import subprocess
 import sys
-import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np

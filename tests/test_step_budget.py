@@ -7,7 +7,6 @@ from typing import Any, Dict, List
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.tensorboard.writer import FileWriter
 

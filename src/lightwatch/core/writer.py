@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, Mapping
+from typing import Any, Mapping
 
 import torch
 
