@@ -117,8 +117,9 @@ class ActivationStatsMonitor(MonitorCallback):
 
     The hooks are on the modules only during sampled steps (a module with a forward hook leaves PyTorch's
     fast call path even when the hook returns at once); a model compiled in ``configure_model`` keeps them
-    for good, gated by one flag, since dynamo traced them. A sampled module costs three reductions over its output (Σy, ‖y‖, aminmax) plus work on a small sample. Under DDP,
-    one SUM and one MAX all-reduce per sampled step merge the ranks. The first module in forward order whose
+    for good, gated by one flag, since dynamo traced them. A sampled module costs three reductions over its
+    output (Σy, ‖y‖, aminmax) plus work on a small sample. Under DDP, one SUM and one MAX all-reduce per
+    sampled step merge the ranks. The first module in forward order whose
     output went non-finite is named in the alert ``act_nonfinite``. Outputs that are tuples, lists, dicts
     or dataclasses are read through their first floating-point tensor; other outputs are skipped.
 

@@ -130,8 +130,8 @@ class MetricMonitor(MonitorCallback):
     is expected while the rate is still near 0), the median loss of the last three step checks is still at
     least 85% of the first step's loss. The alert is named after an earlier finding that explains it
     (``frozen_parameters``, ``grad_missing``, ``update_ratio_low``, ``output_probabilities``,
-    ``data_labels_unrelated``) when one was raised, else ``loss_not_learning``. Switch it off with ``rules={"loss_not_learning": None}`` (fine-tuning a
-    model whose loss is expected to fall slowly).
+    ``data_labels_unrelated``) when one was raised, else ``loss_not_learning``. Switch it off with
+    ``rules={"loss_not_learning": None}`` (fine-tuning a model whose loss is expected to fall slowly).
 
     When rules are checked (``check_on``): ``step`` every ``every_n_steps`` optimizer steps (on
     ``on_train_batch_end``, at the step ``self.log`` curves use), ``validation`` at validation end, ``epoch`` at
