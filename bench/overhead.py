@@ -62,7 +62,7 @@ class StepTimer(pl.Callback):
         return [b - a for a, b in zip(self.starts, self.starts[1:])]
 
 
-NEVER = 10 ** 9  # an interval no run reaches: every step is an unsampled step
+NEVER = 10 ** 6  # an interval no run reaches: every step is an unsampled step
 Variant = Tuple[Optional[int], Optional[bool]]  # (interval or None for bare training, norm_every_step)
 
 

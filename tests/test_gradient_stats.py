@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import pytest
 import pytorch_lightning as pl
@@ -152,3 +152,20 @@ def test_patterns_that_select_nothing_fail_clearly(tmp_path: Any) -> None:
 def test_bad_arguments_fail_at_construction(bad: Dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="GradientStatsMonitor"):
         GradientStatsMonitor(**bad)
+
+
+def test_a_very_long_interval_keeps_the_per_step_buffers_small(tmp_path: Any, seed: int) -> None:
+    from lightwatch import MetricMonitor
+
+    sizes: List[int] = []
+
+    class Probe(pl.Callback):  # the buffers as they are during training (teardown frees them)
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            sizes.extend([grads._ring.numel(), metrics._loss_ring.numel()])
+
+    grads = GradientStatsMonitor(every_n_steps=10 ** 9, norm_every_step=True)
+    metrics = MetricMonitor(every_n_steps=10 ** 9)  # the default loss_shift rule keeps every step's loss
+    trainer = make_trainer(tmp_path, [grads, metrics, Probe()], max_steps=3, log_every_n_steps=1)
+    trainer.fit(Classifier(), make_loader())
+    # one float per step of the interval would be 4 GB each; they are bounded at 4,096 recent steps
+    assert sizes == [4096, 50 + 4096]

@@ -19,6 +19,9 @@ __all__ = ["GradientStatsMonitor"]
 
 _GROUPINGS = ("parameter", "module")
 _WEIGHT_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+# The per-step norms of one interval live in a device ring of this many entries at most: with a longer interval
+# `norm_max` and `nonfinite_steps` cover its last steps only, and memory stays bounded whatever the interval.
+_RING_MAX = 4096
 
 
 def _norms(tensors: List[torch.Tensor], order: float = 2.0) -> torch.Tensor:
@@ -153,6 +156,10 @@ class GradientStatsMonitor(MonitorCallback):
         self._index_cache: Optional[Tuple[Tuple[int, ...], torch.Tensor]] = None
         self._readback: HostReadback = HostReadback()
 
+    @property
+    def _ring_size(self) -> int:
+        return min(self.interval, _RING_MAX)
+
     # ------------------------------------------------------------------------------------ setup
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -198,8 +205,8 @@ class GradientStatsMonitor(MonitorCallback):
             grads = [local_tensor(p.grad) for p in self._all_params if p.grad is not None]
             if grads:
                 if self._ring is None:
-                    self._ring = torch.zeros(self.interval, device=grads[0].device, dtype=torch.float32)
-                self._ring[step % self.interval] = _norms(grads).square().sum()
+                    self._ring = torch.zeros(self._ring_size, device=grads[0].device, dtype=torch.float32)
+                self._ring[step % self._ring_size] = _norms(grads).square().sum()
         if not self.sampled or not self._params:
             return
         self._stats_step = step
@@ -280,7 +287,7 @@ class GradientStatsMonitor(MonitorCallback):
         else:
             delta_sq = before_sq = torch.full_like(p_norm_sq, float("nan"))
         g = self._grad_stats
-        ring = self._ring if self._ring is not None else torch.zeros(self.interval, device=g.device)
+        ring = self._ring if self._ring is not None else torch.zeros(self._ring_size, device=g.device)
         sum_part = torch.cat([g[0], g[2], g[3], p_norm_sq, delta_sq, before_sq, ring])
         max_part = g[1].clone()
         if self._sharded:
@@ -303,8 +310,8 @@ class GradientStatsMonitor(MonitorCallback):
         cols = [values[i * n:(i + 1) * n] for i in range(6)]
         grad_sq, nonfinite, present, p_sq, delta_sq, before_sq = cols
         offset = 6 * n
-        ring = values[offset:offset + self.interval]
-        offset += self.interval
+        ring = values[offset:offset + self._ring_size]
+        offset += self._ring_size
         absmax = values[offset:offset + n]
         offset += n
 

@@ -52,6 +52,7 @@ _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standar
 # spike that damages the model does, for tens of steps. On the fault suite: 100 healthy runs at most 1.86 over
 # a whole run, a learning rate x30 for two steps 9.6 to 22 at the first check after it; 4 sits between.
 _SHIFT_RECENT_MIN = 10
+_RECENT_MAX = 4096  # with longer intervals the scores look at the last 4,096 steps before a check
 _SHIFT_Z = 4.0
 
 
@@ -342,8 +343,9 @@ class MetricMonitor(MonitorCallback):
     def _remember_loss(self, loss: torch.Tensor) -> None:
         """Write this step's loss into the device ring: one small device copy, no host read."""
         if self._loss_ring is None or self._loss_ring.device != loss.device:
-            self._loss_ring = torch.zeros(_STEP_SPIKE_WINDOW + max(self.interval, _SHIFT_RECENT_MIN),
-                                          device=loss.device)
+            # the steps since the last check, at most _RECENT_MAX of them: memory stays bounded for any interval
+            recent = min(max(self.interval, _SHIFT_RECENT_MIN), _RECENT_MAX)
+            self._loss_ring = torch.zeros(_STEP_SPIKE_WINDOW + recent, device=loss.device)
             self._ring_count = self._ring_checked = 0
             self._scores_at = None
         self._loss_ring[self._ring_count % self._loss_ring.numel()] = loss.reshape(())
