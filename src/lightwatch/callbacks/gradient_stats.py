@@ -160,6 +160,11 @@ class GradientStatsMonitor(MonitorCallback):
     def _ring_size(self) -> int:
         return min(self.interval, _RING_MAX)
 
+    @property
+    def _ring_packed(self) -> int:
+        """Entries of the ring in a packed buffer: none when the per-step norm is off."""
+        return self._ring_size if self._norm_every_step else 0
+
     # ------------------------------------------------------------------------------------ setup
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -287,7 +292,7 @@ class GradientStatsMonitor(MonitorCallback):
         else:
             delta_sq = before_sq = torch.full_like(p_norm_sq, float("nan"))
         g = self._grad_stats
-        ring = self._ring if self._ring is not None else torch.zeros(self._ring_size, device=g.device)
+        ring = self._ring if self._ring is not None else torch.zeros(self._ring_packed, device=g.device)
         sum_part = torch.cat([g[0], g[2], g[3], p_norm_sq, delta_sq, before_sq, ring])
         max_part = g[1].clone()
         if self._sharded:
@@ -310,8 +315,8 @@ class GradientStatsMonitor(MonitorCallback):
         cols = [values[i * n:(i + 1) * n] for i in range(6)]
         grad_sq, nonfinite, present, p_sq, delta_sq, before_sq = cols
         offset = 6 * n
-        ring = values[offset:offset + self._ring_size]
-        offset += self._ring_size
+        ring = values[offset:offset + self._ring_packed]
+        offset += self._ring_packed
         absmax = values[offset:offset + n]
         offset += n
 
