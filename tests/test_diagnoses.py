@@ -128,6 +128,36 @@ def test_a_softmax_before_the_loss_is_named_before_the_first_update(tmp_path: An
     assert (alert["subject"], alert["step"], alert["value"], alert["severity"]) == ("net.5", 0, 1.0, "warning")
 
 
+class LossOf(Classifier):
+    """:class:`Classifier` trained with another loss, optionally with a final ``LogSoftmax`` module."""
+
+    def __init__(self, loss: str, log_softmax: bool = False) -> None:
+        super().__init__(depth=2)
+        self.loss = loss
+        if log_softmax:
+            self.net.append(torch.nn.LogSoftmax(dim=-1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        if self.loss == "nll":
+            return torch.nn.functional.nll_loss(out, y)
+        return torch.nn.functional.mse_loss(out, torch.nn.functional.one_hot(y, out.shape[-1]).float())
+
+
+def test_nll_on_raw_logits_is_named_before_the_first_update(tmp_path: Any, seed: int) -> None:
+    alerts = alerts_of(tmp_path, LossOf("nll"), max_steps=5)
+    (alert,) = [a for a in alerts if a["rule"] == "nll_on_logits"]
+    assert (alert["step"], alert["subject"], alert["severity"], alert["value"]) == (0, "net.4", "warning", 1.0)
+
+
+@pytest.mark.parametrize("model", [lambda: LossOf("nll", log_softmax=True), lambda: LossOf("mse"), Classifier],
+                         ids=["log_softmax_then_nll", "mse_on_one_hot", "cross_entropy"])
+def test_losses_over_log_probabilities_or_dense_gradients_are_not_nll_on_logits(tmp_path: Any, seed: int,
+                                                                               model: Any) -> None:
+    assert "nll_on_logits" not in rules(alerts_of(tmp_path, model(), max_steps=5), severity="info")
+
+
 def test_activations_exploding_through_depth_at_initialisation(tmp_path: Any, seed: int) -> None:
     model = Classifier(depth=6, hidden=32)
     with torch.no_grad():

@@ -403,7 +403,7 @@ _DIAGNOSES: Dict[str, Tuple[str, ...]] = {
     "exploding_gradients": ("explod", "grad_norm", "grad_nonfinite"),
     "dead_relu": ("dead",),
     "saturated_activations": ("saturat",),
-    "wrong_loss": ("negative", "loss_sign", "loss_range", "wrong_loss", "loss_below"),
+    "wrong_loss": ("negative", "loss_sign", "loss_range", "wrong_loss", "loss_below", "nll_on_logits"),
     "softmax_before_loss": ("softmax", "prob", "logit"),
     "shuffled_labels": ("label", "not_learning", "chance", "stall"),
     "label_noise": ("label", "noise", "not_learning", "stall"),
@@ -457,7 +457,7 @@ FAULTS: Dict[str, Fault] = {f.name: dataclasses.replace(f, diagnoses=_DIAGNOSES[
     Fault("wrong_loss", "structure", "F.nll_loss on raw logits instead of cross-entropy (severity = share "
           "of the wrong loss)",
           "the loss is -logit[y]: negative and unbounded below; logits grow without limit",
-          Location(metric="train/loss"), 1.0, "weight of the wrong loss",
+          Location(layers=("net.out",), metric="train/loss"), 1.0, "weight of the wrong loss",
           lambda r, s: r.replace(loss="nll_raw", loss_weight=s), harm_metric="loss"),
     Fault("softmax_before_loss", "structure", "a softmax as the last layer in front of cross-entropy "
           "(severity = blend weight of the softmax)",

@@ -84,6 +84,19 @@ def _probability_rows(y: torch.Tensor, max_rows: int = 1024) -> torch.Tensor:
     return (in_range & sums_to_one).float().mean()
 
 
+def _selective_rows(grad: torch.Tensor, max_rows: int = 1024) -> torch.Tensor:
+    """Share of the rows of a loss gradient with exactly one non-zero entry: a loss that picks one output per row
+    and is linear in it (NLL), whose gradient does not depend on the outputs at all."""
+    rows = grad.detach().reshape(-1, grad.shape[-1])[:max_rows]
+    return ((rows != 0).sum(-1) == 1).float().mean()
+
+
+def _unnormalised_rows(y: torch.Tensor, max_rows: int = 1024) -> torch.Tensor:
+    """Share of the rows of ``y`` that are not log-probabilities (their logsumexp is not 0)."""
+    rows = y.detach().reshape(-1, y.shape[-1])[:max_rows].float()
+    return (torch.logsumexp(rows, -1).abs() > 0.1).float().mean()
+
+
 def _saturation_mask(module: nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """For bounded activations: a function marking values within 1% of a bound."""
     if isinstance(module, (nn.Tanh, nn.Softsign)):
@@ -209,7 +222,10 @@ class ActivationStatsMonitor(MonitorCallback):
         # output_probabilities: the last module output of the first sampled step, and the agreed share of its
         # rows that are probability vectors (read with the unit counts, once)
         self._last_output: Optional[Tuple[int, torch.Tensor]] = None
-        self._probability_share: Optional[Tuple[int, float]] = None
+        self._last_live: Optional[torch.Tensor] = None  # the same output, in the graph: its gradient is read once
+        self._selective: Optional[torch.Tensor] = None  # share of its gradient rows with one non-zero entry
+        # (module, probability-vector share, one-entry-gradient share, not-log-probability share), agreed once
+        self._output_shares: Optional[Tuple[int, float, float, float]] = None
         self._with_units: List[int] = []
         self._segment_ids: Optional[torch.Tensor] = None
         self._hist_mask: List[bool] = []
@@ -273,6 +289,7 @@ class ActivationStatsMonitor(MonitorCallback):
             self._record(index, y.detach(), saturation, channel_first)
             if self._units is None and self.diagnose and y.dim() >= 2 and y.shape[-1] >= 2 and y.is_floating_point():
                 self._last_output = (index, y.detach())  # the last one to finish is the model's output
+                self._last_live = y if y.requires_grad else None
 
         return hook
 
@@ -352,8 +369,8 @@ class ActivationStatsMonitor(MonitorCallback):
         if self._sum is None:
             return
         packed = self._pack()
-        if self._probability_share is not None:
-            self._check_probabilities(trainer, pl_module)
+        if self._output_shares is not None:
+            self._check_output(trainer, pl_module)
         self._readback.submit(packed, (logging_step(trainer), list(self._order), self._hist_mask))
         self._order = [-1] * len(self._names)
         self._calls = 0
@@ -394,16 +411,21 @@ class ActivationStatsMonitor(MonitorCallback):
         collective; later steps pad or cut their per-unit flags to these sizes.
         """
         if self._units is None:
-            local = torch.tensor([float(a.numel()) if a is not None else 0.0 for a in self._alive] + [0.0],
+            local = torch.tensor([float(a.numel()) if a is not None else 0.0 for a in self._alive] + [0.0] * 3,
                                  device=device)
             if self._last_output is not None:
-                local[-1] = _probability_rows(self._last_output[1]).to(device)
-            all_reduce_flat(None, local)  # the same MAX also agrees on the probability share
+                y = self._last_output[1]
+                local[-3] = _probability_rows(y).to(device)
+                if y.dim() <= 3:  # [N, C] or [N, T, C]: classes last (channel-first maps are left alone)
+                    local[-1] = _unnormalised_rows(y).to(device)
+                if self._selective is not None:
+                    local[-2] = self._selective.to(device)
+            all_reduce_flat(None, local)  # the same MAX also agrees on the shares of the output's rows
             agreed = local.tolist()
             if self._last_output is not None:
-                self._probability_share = (self._last_output[0], agreed[-1])
-                self._last_output = None
-            self._units = [int(u) for u in agreed[:-1]]
+                self._output_shares = (self._last_output[0], agreed[-3], agreed[-2], agreed[-1])
+            self._last_output = self._last_live = self._selective = None
+            self._units = [int(u) for u in agreed[:-3]]
             self._with_units = [i for i, u in enumerate(self._units) if u > 0]
             self._segment_ids = None
         return self._units
@@ -502,13 +524,34 @@ class ActivationStatsMonitor(MonitorCallback):
             )
 
     # ----------------------------------------------------------------------------- diagnoses
-    def _check_probabilities(self, trainer: Any, pl_module: Any) -> None:
-        """``output_probabilities``: the model's output rows are probability vectors (a softmax before the loss)."""
-        index, share = self._probability_share  # type: ignore[misc]
-        self._probability_share = None
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+        # first sampled step only: read the loss gradient at the model's output once, on the device
+        live, self._last_live = self._last_live, None
+        if live is None or not self._active or self._units is not None:
+            return
+
+        def read(grad: torch.Tensor) -> None:
+            self._selective = _selective_rows(grad)
+
+        live.register_hook(read)
+
+    def _check_output(self, trainer: Any, pl_module: Any) -> None:
+        """At the first sampled step: ``output_probabilities`` (a softmax before the loss) and ``nll_on_logits``."""
+        index, share, selective, unnormalised = self._output_shares  # type: ignore[misc]
+        self._output_shares = None
+        name = self._names[index]
+        if selective > 0.9 and unnormalised > 0.9:
+            self.raise_alert(
+                trainer, pl_module, rule="nll_on_logits", severity="warning", action="warn", subject=name,
+                value=selective, threshold=0.9, message=(
+                    f"the loss picks one output per row and is linear in it (its gradient at the model's output, "
+                    f"module '{name}', has one non-zero entry in {selective:.0%} of the rows), but the outputs are "
+                    f"not log-probabilities ({unnormalised:.0%} of the rows do not log-sum-exp to 0): NLL applied "
+                    f"to raw logits (or to probabilities without the log). Such a loss has no lower bound on logits: "
+                    f"it goes negative and diverges. Use F.cross_entropy on the logits, or F.nll_loss on "
+                    f"F.log_softmax of them."))
         if not share > 0.5:
             return
-        name = self._names[index]
         self.raise_alert(
             trainer, pl_module, rule="output_probabilities", severity="warning", action="warn", subject=name,
             value=share, threshold=0.5, message=(
