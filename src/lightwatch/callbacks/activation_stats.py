@@ -540,26 +540,25 @@ class ActivationStatsMonitor(MonitorCallback):
         index, share, selective, unnormalised = self._output_shares  # type: ignore[misc]
         self._output_shares = None
         name = self._names[index]
+        findings: List[Tuple[str, float, float, str]] = []
         if selective > 0.9 and unnormalised > 0.9:
-            self.raise_alert(
-                trainer, pl_module, rule="nll_on_logits", severity="warning", action="warn", subject=name,
-                value=selective, threshold=0.9, message=(
-                    f"the loss picks one output per row and is linear in it (its gradient at the model's output, "
-                    f"module '{name}', has one non-zero entry in {selective:.0%} of the rows), but the outputs are "
-                    f"not log-probabilities ({unnormalised:.0%} of the rows do not log-sum-exp to 0): NLL applied "
-                    f"to raw logits (or to probabilities without the log). Such a loss has no lower bound on logits: "
-                    f"it goes negative and diverges. Use F.cross_entropy on the logits, or F.nll_loss on "
-                    f"F.log_softmax of them."))
-        if not share > 0.5:
-            return
-        self.raise_alert(
-            trainer, pl_module, rule="output_probabilities", severity="warning", action="warn", subject=name,
-            value=share, threshold=0.5, message=(
+            findings.append(("nll_on_logits", selective, 0.9, (
+                f"the loss picks one output per row and is linear in it (its gradient at the model's output, "
+                f"module '{name}', has one non-zero entry in {selective:.0%} of the rows), but the outputs are "
+                f"not log-probabilities ({unnormalised:.0%} of the rows do not log-sum-exp to 0): NLL applied "
+                f"to raw logits (or to probabilities without the log). Such a loss has no lower bound on logits: "
+                f"it goes negative and diverges. Use F.cross_entropy on the logits, or F.nll_loss on "
+                f"F.log_softmax of them.")))
+        if share > 0.5:
+            findings.append(("output_probabilities", share, 0.5, (
                 f"the model's output (module '{name}', the last to run in the forward pass) is a probability "
                 f"distribution in {share:.0%} of its rows (every value in [0, 1], each row summing to 1): a softmax "
                 f"before a loss that expects logits (F.cross_entropy, nn.CrossEntropyLoss) caps how low the loss "
                 f"can go and shrinks the gradients. Return logits and let the loss apply log_softmax; if your loss "
-                f"takes probabilities on purpose, this is fine but numerically weaker than logits."))
+                f"takes probabilities on purpose, this is fine but numerically weaker than logits.")))
+        for rule, value, threshold, message in findings:
+            self.raise_alert(trainer, pl_module, rule=rule, severity="warning", action="warn", subject=name,
+                             value=value, threshold=threshold, message=message)
 
     def _diagnose(self, trainer: Any, pl_module: Any, stats: List[Tuple[str, Dict[str, float]]], order: List[int],
                   step: int, thin: Set[str]) -> None:
