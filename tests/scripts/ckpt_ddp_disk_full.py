@@ -60,3 +60,7 @@ result.update(rank=trainer.global_rank, best=ck.best_model_path, healthy=ck.late
               step=trainer.global_step)
 with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
     json.dump(result, fh)
+# An orderly shutdown: after an exception inside fit, Lightning leaves the process group up, and tearing gloo
+# down at interpreter exit can abort the process ("terminate called without an active exception").
+if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
