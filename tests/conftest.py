@@ -112,3 +112,10 @@ def read_alerts(directory: str) -> List[Dict[str, Any]]:
 def seed() -> int:
     pl.seed_everything(0, workers=True)
     return 0
+
+
+def shutdown_distributed() -> None:
+    """End a torchrun test script in order: Lightning leaves the process group up after ``fit``, and tearing
+    gloo down at interpreter exit can abort a rank ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -14,7 +14,7 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import Classifier, make_loader  # noqa: E402
+from conftest import Classifier, make_loader, shutdown_distributed  # noqa: E402
 
 from lightwatch.callbacks.metric_checkpoint import CheckpointSaveError, MetricCheckpoint  # noqa: E402
 
@@ -60,7 +60,4 @@ result.update(rank=trainer.global_rank, best=ck.best_model_path, healthy=ck.late
               step=trainer.global_step)
 with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
     json.dump(result, fh)
-# An orderly shutdown: after an exception inside fit, Lightning leaves the process group up, and tearing gloo
-# down at interpreter exit can abort the process ("terminate called without an active exception").
-if torch.distributed.is_available() and torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
+shutdown_distributed()

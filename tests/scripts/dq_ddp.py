@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import Classifier  # noqa: E402
+from conftest import Classifier, shutdown_distributed  # noqa: E402
 
 from lightwatch.callbacks import DataQualityMonitor  # noqa: E402
 from lightwatch.core.alerts import alert_log  # noqa: E402
@@ -105,3 +105,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

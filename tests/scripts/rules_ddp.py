@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from conftest import Classifier, make_loader
+from conftest import Classifier, make_loader, shutdown_distributed
 from lightwatch.callbacks import MetricCheckpoint, MetricMonitor
 
 torch.set_num_threads(1)
@@ -101,3 +101,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

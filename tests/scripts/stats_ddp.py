@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import Classifier, make_loader  # noqa: E402
+from conftest import Classifier, make_loader, shutdown_distributed  # noqa: E402
 
 from lightwatch import ActivationStatsMonitor, GradientStatsMonitor  # noqa: E402
 
@@ -63,3 +63,4 @@ metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startsw
 with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
     json.dump({"rank": trainer.global_rank, "global_step": trainer.global_step, "collectives": collectives,
                "local": probe.local, "metrics": metrics}, fh)
+shutdown_distributed()
