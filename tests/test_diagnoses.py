@@ -82,6 +82,27 @@ def test_frozen_and_unused_parameters_are_reported_at_info(tmp_path: Any, seed: 
     assert got["grad_missing"]["severity"] == "info" and got["grad_missing"]["subject"] == "unused.weight"
 
 
+def test_a_layer_frozen_at_its_random_initialisation_is_named_before_the_first_update(tmp_path: Any,
+                                                                                     seed: int) -> None:
+    model = Classifier(hidden=64, depth=2)
+    model.net[2].requires_grad_(False)  # the bug: a fresh 64x64 layer frozen, a fixed random projection
+    got = {a["rule"]: a for a in alerts_of(tmp_path, model, max_steps=5)}
+    alert = got["frozen_at_init"]
+    assert (alert["severity"], alert["subject"], alert["step"], alert["value"]) == ("warning", "net.2.weight", 0, 1)
+    assert got["frozen_parameters"]["severity"] == "info"  # bias and weight, the plain fact
+
+
+def test_fine_tuning_with_a_trained_backbone_frozen_is_not_a_fault(tmp_path: Any, seed: int) -> None:
+    model = Classifier(hidden=64, depth=2, lr=0.05)
+    pretrain = make_trainer(tmp_path / "pretrain", [], max_steps=60, logger=False)
+    pretrain.fit(model, make_loader(n=256, seed=2))
+    model.net[:4].requires_grad_(False)  # freeze the trained backbone, train a new head
+    model.net[4] = torch.nn.Linear(64, 3)
+    alerts = alerts_of(tmp_path / "finetune", model, max_steps=20)
+    assert rules(alerts) == []
+    assert [a["rule"] for a in alerts if a["rule"].startswith("frozen")] == ["frozen_parameters"]
+
+
 def _killed(model: Classifier) -> Classifier:
     with torch.no_grad():  # 14 of 16 units of the second layer can never fire
         model.net[2].weight[:14] = 0.0

@@ -369,9 +369,9 @@ def test_diagnosis_script_smoke(tmp_path: Any) -> None:
 # numbers are in the README.
 BEFORE_THE_FIRST_UPDATE = ("vanishing_gradients", "exploding_gradients", "dead_relu", "softmax_before_loss",
                            "wrong_loss", "zero_init", "unnormalised_inputs", "nan_in_data", "train_val_leakage",
-                           "duplicated_samples", "class_imbalance", "covariate_shift")
+                           "duplicated_samples", "class_imbalance", "covariate_shift", "frozen_parameters")
 WITHIN_ONE_INTERVAL = ("lr_too_high", "lr_too_low", "forgotten_zero_grad")
-WHEN_NOT_LEARNING = ("shuffled_labels", "frozen_parameters")
+WHEN_NOT_LEARNING = ("shuffled_labels",)
 
 
 def test_the_default_policy_names_each_fault_in_time_and_stays_quiet_on_healthy_runs(tmp_path: Any) -> None:

@@ -10,8 +10,9 @@ import torch
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row, histogram_row
+from lightwatch.core.init_signature import uniform_init_votes
 from lightwatch.core.readback import HostReadback
-from lightwatch.core.reduce import all_reduce_flat
+from lightwatch.core.reduce import agree_max, all_reduce_flat
 from lightwatch.core.runtime import is_sharded_strategy, learning_rates, local_tensor, logging_step, lr_rising
 from lightwatch.core.selection import Selection, top_k_subjects
 
@@ -56,9 +57,11 @@ class GradientStatsMonitor(MonitorCallback):
 
     Diagnoses (``diagnose=True``), with thresholds set from the fault suite in ``bench/faults`` (healthy
     range in brackets): at fit start, ``init_zero`` / ``init_large`` when a Linear/Conv weight's variance
-    times its fan-in is below 1e-6 or above 20 (default inits give 0.33-2), and ``frozen_parameters``
-    (info); in the first three steps, ``grad_stale`` when gradients are non-zero before backward at the start
-    of an accumulation window (a forgotten ``zero_grad``; error); at the first sampled step (step 0, the
+    times its fan-in is below 1e-6 or above 20 (default inits give 0.33-2), ``frozen_parameters``
+    (info), and ``frozen_at_init`` (warning) for frozen tensors of at least 1,024 values that still read as a
+    fresh uniform random initialisation (a statistical test, :mod:`lightwatch.core.init_signature`;
+    pretrained layers are not uniform, so fine-tuning stays quiet); in the first three steps, ``grad_stale``
+    when gradients are non-zero before backward at the start of an accumulation window (a forgotten ``zero_grad``; error); at the first sampled step (step 0, the
     model as initialised, with ``check_first_step``), ``grad_missing`` (info) for trainable parameters
     without a gradient; at the first sampled step after step 0, ``update_ratio_high`` when a weight moves
     more than 10% in one step ([0.013, 0.058]; warning), ``update_ratio_low`` below 0.3% (info: fine-tuning
@@ -389,7 +392,8 @@ class GradientStatsMonitor(MonitorCallback):
         self._resolve(trainer, pl_module)
         if not self.diagnose or int(getattr(trainer, "global_step", 0)) > 0:  # resumed: weights are trained
             return
-        frozen = [n for n, p in pl_module.named_parameters() if not p.requires_grad]
+        frozen_params = [(n, p) for n, p in pl_module.named_parameters() if not p.requires_grad]
+        frozen = [n for n, _ in frozen_params]
         if frozen:
             total = sum(1 for _ in pl_module.parameters())
             self.raise_alert(
@@ -397,6 +401,7 @@ class GradientStatsMonitor(MonitorCallback):
                 value=float(len(frozen)),
                 message=(f"{len(frozen)} of {total} parameter tensors do not require grad ({', '.join(frozen[:5])}"
                          f"{' ...' if len(frozen) > 5 else ''}); fine when freezing on purpose, a bug otherwise."))
+            self._check_frozen_at_init(trainer, pl_module, frozen_params)
         for i in self._weight_layers:
             w = self._params[i].detach()
             fan_in = w[0].numel() if w.dim() > 1 else 1
@@ -410,6 +415,31 @@ class GradientStatsMonitor(MonitorCallback):
                              f"give 0.33-2): weights initialised "
                              f"{'to zero, so units stay identical' if rule == 'init_zero' else 'far too large'}; "
                              f"use the layer's default or a He/Xavier init."))
+
+    def _check_frozen_at_init(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                              frozen: List[Tuple[str, torch.nn.Parameter]]) -> None:
+        """Warn about frozen tensors that still hold a fresh uniform random initialisation.
+
+        Freezing pretrained layers is fine-tuning; freezing a layer nobody trained makes it a fixed random
+        projection, which is a mistake (the wrong layers frozen, or the weights loaded after freezing, or not
+        at all). See :mod:`lightwatch.core.init_signature` for the test and its thresholds.
+        """
+        tensors = [local_tensor(p) for _, p in frozen]
+        device = next((t.device for t in tensors if t.device.type != "meta"), torch.device("cpu"))
+        votes = uniform_init_votes(tensors, device)
+        if self._sharded:  # each rank judged its own shards: a tensor is named when no rank objects
+            agree_max(votes.view(-1))
+        objection, support = votes.tolist()
+        fresh = [name for (name, _), o, v in zip(frozen, objection, support) if v > 0 and o == 0]
+        if not fresh:
+            return
+        listed = ", ".join(fresh[:5]) + (" ..." if len(fresh) > 5 else "")
+        self.raise_alert(
+            trainer, pl_module, rule="frozen_at_init", severity="warning", subject=fresh[0], value=float(len(fresh)),
+            message=(f"{len(fresh)} frozen parameter tensor(s) ({listed}) still hold a fresh uniform random "
+                     f"initialisation (uniform values with a sharp edge, which a few training steps smear): these "
+                     f"layers are fixed random projections and will never learn. Likely cause: the wrong layers "
+                     f"frozen, or pretrained weights not loaded before freezing; unfreeze them or load the weights."))
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         # A static check of the first steps only: gradients left over from the previous step mean zero_grad

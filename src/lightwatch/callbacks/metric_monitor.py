@@ -37,7 +37,7 @@ _NOT_LEARNING = "loss_not_learning"
 _LEARNING_MIN_STEPS = 50
 _LEARNING_RATIO = 0.85
 # earlier findings that explain a loss that does not go down, most specific first: the alert is named after one
-_LEARNING_CAUSES = ("frozen_parameters", "grad_missing", "update_ratio_low", "output_probabilities",
+_LEARNING_CAUSES = ("frozen_at_init", "frozen_parameters", "grad_missing", "update_ratio_low", "output_probabilities",
                     "data_labels_unrelated")
 # Per-step spike score: robust z of each step's loss against the median/MAD of the previous 50 steps. On the
 # fault suite's healthy runs the largest z over a run was 1.3 to 8.1 (MAD floored at 1% of the median); a
@@ -130,7 +130,7 @@ class MetricMonitor(MonitorCallback):
     check at or after step 50 at which the learning rate is no longer rising (a warmup defers it: a flat loss
     is expected while the rate is still near 0), the median loss of the last three step checks is still at
     least 85% of the first step's loss. The alert is named after an earlier finding that explains it
-    (``frozen_parameters``, ``grad_missing``, ``update_ratio_low``, ``output_probabilities``,
+    (``frozen_at_init``, ``frozen_parameters``, ``grad_missing``, ``update_ratio_low``, ``output_probabilities``,
     ``data_labels_unrelated``) when one was raised, else ``loss_not_learning``. Switch it off with
     ``rules={"loss_not_learning": None}`` (fine-tuning a model whose loss is expected to fall slowly).
 

@@ -1,0 +1,89 @@
+"""The fresh-uniform-initialisation test behind ``frozen_at_init``: fresh inits pass, trained or normal ones fail."""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import pytest
+import torch
+from torch import nn
+
+from lightwatch.core.init_signature import (MIN_ELEMENTS, SAMPLE_MAX, reads_as_uniform_init, uniform_init_evidence,
+                                            uniform_init_votes)
+from lightwatch.core.reduce import agree_max
+
+
+def fresh(t: torch.Tensor) -> bool:
+    return reads_as_uniform_init(uniform_init_evidence(t).tolist())
+
+
+UNIFORM_INITS: List[Callable[[], torch.Tensor]] = [
+    lambda: nn.Linear(64, 64).weight,
+    lambda: nn.Linear(512, 256).weight,
+    lambda: nn.Conv2d(16, 32, 3).weight,
+    lambda: nn.GRU(16, 64).weight_hh_l0,
+    lambda: nn.LSTM(32, 32).weight_ih_l0,
+    lambda: nn.init.xavier_uniform_(torch.empty(128, 64)),
+    lambda: nn.init.kaiming_uniform_(torch.empty(128, 64), nonlinearity="relu"),
+    lambda: nn.Linear(256, 256).weight.to(torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("make", UNIFORM_INITS)
+def test_fresh_uniform_initialisations_read_as_fresh(make: Callable[[], torch.Tensor]) -> None:
+    for seed in range(20):
+        torch.manual_seed(seed)
+        assert fresh(make()), seed
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(128, 64),
+    lambda: nn.init.trunc_normal_(torch.empty(128, 64), std=0.02),
+    lambda: nn.init.orthogonal_(torch.empty(128, 64)),
+    lambda: nn.Embedding(1000, 16).weight,
+    lambda: torch.zeros(128, 64),
+    lambda: torch.ones(128, 64),
+    lambda: nn.Linear(64, 64).weight + 0.5,  # not centred
+])
+def test_normal_constant_or_shifted_tensors_do_not(make: Callable[[], torch.Tensor]) -> None:
+    torch.manual_seed(0)
+    assert not fresh(make())
+
+
+def test_training_smears_the_sharp_edge_of_a_uniform_initialisation() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 64)
+    x = torch.randn(512, 64)
+    target = x @ torch.randn(64, 64) * 0.1
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
+    readings = []
+    for step in range(20):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(layer(x), target).backward()
+        optimizer.step()
+        readings.append(fresh(layer.weight))
+    assert readings[-1] is False and not any(readings[10:])
+    ks, edge, _, _ = uniform_init_evidence(layer.weight).tolist()
+    assert ks > 5 and edge < 8
+
+
+def test_large_tensors_are_read_through_a_bounded_sample() -> None:
+    torch.manual_seed(0)
+    big = torch.empty(3000, 1000).uniform_(-0.02, 0.02)
+    evidence = uniform_init_evidence(big).tolist()
+    assert evidence[3] <= SAMPLE_MAX and reads_as_uniform_init(evidence)
+
+
+def test_votes_abstain_on_small_tensors_and_agree_across_shards() -> None:
+    torch.manual_seed(0)
+    weight = nn.Linear(128, 64).weight.detach()
+    small = torch.empty(MIN_ELEMENTS - 1).uniform_(-1, 1)
+    votes = uniform_init_votes([weight, small, torch.randn(64, 64), torch.zeros(0)], torch.device("cpu"))
+    assert votes.tolist() == [[0, 0, 1, 0], [1, 0, 0, 0]]  # objections, then votes for "fresh"
+    # two ranks, each holding half of every tensor: the element-wise MAX the monitor takes under FSDP
+    halves = [weight[:32], weight[32:]]
+    trained = torch.cat([weight[:32], torch.randn(32, 128) * 0.05])
+    shards = [[halves[r], trained[32 * r:32 * (r + 1)], small[:10]] for r in range(2)]
+    agreed = torch.stack([uniform_init_votes(s, torch.device("cpu")) for s in shards]).amax(0)
+    assert agreed.tolist() == [[0, 1, 0], [1, 1, 0]]  # fresh; one rank objects -> not fresh; abstained
+    flags = uniform_init_votes(shards[0], torch.device("cpu"))
+    assert torch.equal(agree_max(flags.view(-1)).view(2, -1), flags)  # one process: the MAX is the identity
