@@ -103,6 +103,17 @@ def test_fine_tuning_with_a_trained_backbone_frozen_is_not_a_fault(tmp_path: Any
     assert [a["rule"] for a in alerts if a["rule"].startswith("frozen")] == ["frozen_parameters"]
 
 
+def test_a_diagnosis_is_switched_off_by_name_and_the_others_stay_on(tmp_path: Any, seed: int) -> None:
+    model = Classifier(hidden=64, depth=2)
+    model.net[2].requires_grad_(False)  # a fixed random projection, on purpose here
+    monitors = [GradientStatsMonitor(every_n_steps=5, skip_diagnoses=["frozen_at_init"])]
+    make_trainer(tmp_path, monitors, max_steps=5).fit(model, make_loader(n=256, seed=1))
+    assert [a["rule"] for a in read_alerts(str(tmp_path))] == ["frozen_parameters"]
+    with pytest.raises(ValueError, match=r"unknown diagnosis \['act_dead'\]; .*'frozen_at_init'"):
+        GradientStatsMonitor(skip_diagnoses=["act_dead"])  # an activation diagnosis, on the gradient monitor
+    assert ActivationStatsMonitor(skip_diagnoses="act_dead").skip_diagnoses == {"act_dead"}
+
+
 def _killed(model: Classifier) -> Classifier:
     with torch.no_grad():  # 14 of 16 units of the second layer can never fire
         model.net[2].weight[:14] = 0.0

@@ -200,6 +200,7 @@ def test_command_line_overrides_reach_the_callbacks():
         "monitor.nonfinite_action=stop",
         "monitor.grad_stats.exclude=[bias$]",
         "monitor.act_stats.module_types=[ReLU]",
+        "monitor.grad_stats.skip_diagnoses=[frozen_at_init,grad_vanishing]",
     ))
     grad, act = cbs[GradientStatsMonitor], cbs[ActivationStatsMonitor]
     assert (grad.every_n_steps, act.every_n_steps) == (3, 7)
@@ -214,6 +215,7 @@ def test_command_line_overrides_reach_the_callbacks():
     assert type(grad.selection.exclude) is list
     assert [n for n, _ in grad.selection.parameters(model)] == ["net.0.weight", "net.2.weight", "net.4.weight"]
     assert [n for n, _ in act.selection.modules(model)] == ["net.1", "net.3"]
+    assert grad.skip_diagnoses == {"frozen_at_init", "grad_vanishing"} and act.skip_diagnoses == set()
 
 
 @pytest.mark.parametrize("overrides,expected", [
@@ -379,6 +381,8 @@ def test_a_missing_required_value_is_named_before_anything_is_built():
     ("monitor.rules.rules.loss_spike.action=explode", ["monitor.rules", "loss_spike", "explode"]),
     ("monitor.data_quality.checks.nonfinite.margin=0.5", ["monitor.data_quality", "'nonfinite'", "margin"]),
     ("monitor.data_quality.checks.drift.alpha=2", ["monitor.data_quality", "alpha"]),
+    ("monitor.grad_stats.skip_diagnoses=[frozen]", ["monitor.grad_stats", "unknown diagnosis ['frozen']",
+                                                    "frozen_at_init"]),
 ])
 def test_values_a_callback_rejects_are_reported_with_the_component_key(override, needles):
     with pytest.raises(MonitorConfigError) as info:

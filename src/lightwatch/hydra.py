@@ -170,6 +170,7 @@ class GradStatsConf:
     prefix: str = "monitor"
     alert_cooldown_steps: int = 100
     check_first_step: bool = True
+    skip_diagnoses: Optional[List[str]] = None
 
 
 @dataclass
@@ -191,6 +192,7 @@ class ActStatsConf:
     prefix: str = "monitor"
     alert_cooldown_steps: int = 100
     check_first_step: bool = True
+    skip_diagnoses: Optional[List[str]] = None
 
 
 @dataclass

@@ -159,11 +159,15 @@ class ActivationStatsMonitor(MonitorCallback):
             is as initialised, where no learning dynamics add noise: a single reading over those bounds is
             enough for ``act_dead`` and ``act_saturated``, and ``act_exploding`` warns when the RMS of the
             last activation layer is more than 10x the first one's (3 or more activation layers): weights
-            too large for the depth.
+            too large for the depth. Also at the first sampled step, ``nll_on_logits``: the loss gradient at the
+            last module picks one output per row while the outputs are not log-probabilities (NLL on logits).
         prefix: first part of every tag.
         alert_cooldown_steps: at most one record per alert rule and subject in this many steps.
         check_first_step: also sample step 0 of a fresh fit (the initialised model, before the first
             optimizer step); one extra sampled step per fit.
+        skip_diagnoses: names of diagnoses to switch off where a finding is intended in this run (for example
+            ``["output_probabilities"]`` for a model that outputs probabilities to a loss that takes their
+            log itself); the others stay on.
 
     Example:
         >>> from lightwatch.callbacks import ActivationStatsMonitor
@@ -171,6 +175,8 @@ class ActivationStatsMonitor(MonitorCallback):
         >>> monitor.every_n_steps
         25
     """
+
+    DIAGNOSES = ("act_dead", "act_saturated", "act_exploding", "output_probabilities", "nll_on_logits")
 
     def __init__(
         self,
@@ -187,10 +193,12 @@ class ActivationStatsMonitor(MonitorCallback):
         prefix: str = "monitor",
         alert_cooldown_steps: int = 100,
         check_first_step: bool = True,
+        skip_diagnoses: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__(every_n_steps, histogram_every_n_steps, prefix, alert_cooldown_steps, check_first_step)
         where = "ActivationStatsMonitor"
         self.diagnose = bool(diagnose)
+        self.set_skip_diagnoses(skip_diagnoses)
         self._streaks: Dict[str, Dict[str, int]] = {}
         if top_k is not None and (int(top_k) != top_k or top_k < 1):
             raise ValueError(f"{where}: top_k must be a positive integer or None, got {top_k!r}.")

@@ -95,6 +95,8 @@ class GradientStatsMonitor(MonitorCallback):
         alert_cooldown_steps: at most one record per alert rule and subject in this many steps.
         check_first_step: also sample step 0 of a fresh fit, so the diagnoses see the initialised model before
             the first optimizer step (one extra sampled step per fit).
+        skip_diagnoses: names of diagnoses to switch off where a finding is intended in this run (for example
+            ``["frozen_at_init"]`` for a layer that is a fixed random projection on purpose); the others stay on.
 
     Example:
         >>> from lightwatch.callbacks import GradientStatsMonitor
@@ -102,6 +104,9 @@ class GradientStatsMonitor(MonitorCallback):
         >>> monitor.every_n_steps
         10
     """
+
+    DIAGNOSES = ("init_zero", "init_large", "frozen_parameters", "frozen_at_init", "grad_stale", "grad_missing",
+                 "update_ratio_high", "update_ratio_low", "grad_vanishing")
 
     def __init__(
         self,
@@ -120,6 +125,7 @@ class GradientStatsMonitor(MonitorCallback):
         prefix: str = "monitor",
         alert_cooldown_steps: int = 100,
         check_first_step: bool = True,
+        skip_diagnoses: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__(every_n_steps, histogram_every_n_steps, prefix, alert_cooldown_steps, check_first_step)
         where = "GradientStatsMonitor"
@@ -145,6 +151,7 @@ class GradientStatsMonitor(MonitorCallback):
         self._grad_hist: Optional[torch.Tensor] = None
         self._before: Optional[List[torch.Tensor]] = None
         self.diagnose = bool(diagnose)
+        self.set_skip_diagnoses(skip_diagnoses)
         self._norm_every_step = bool(norm_every_step)
         self._weight_layers: List[int] = []
         self._checks_done = 0
@@ -401,7 +408,8 @@ class GradientStatsMonitor(MonitorCallback):
                 value=float(len(frozen)),
                 message=(f"{len(frozen)} of {total} parameter tensors do not require grad ({', '.join(frozen[:5])}"
                          f"{' ...' if len(frozen) > 5 else ''}); fine when freezing on purpose, a bug otherwise."))
-            self._check_frozen_at_init(trainer, pl_module, frozen_params)
+            if "frozen_at_init" not in self.skip_diagnoses:
+                self._check_frozen_at_init(trainer, pl_module, frozen_params)
         for i in self._weight_layers:
             w = self._params[i].detach()
             fan_in = w[0].numel() if w.dim() > 1 else 1

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, FrozenSet, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 
@@ -45,6 +45,9 @@ class MonitorCallback(pl.Callback):
         check_first_step: also sample step 0 of a fit that starts from scratch (not a resumed one).
     """
 
+    #: Names of the diagnoses a subclass can raise; ``skip_diagnoses`` may name only these.
+    DIAGNOSES: Tuple[str, ...] = ()
+
     def __init__(
         self,
         every_n_steps: Optional[int] = None,
@@ -67,6 +70,7 @@ class MonitorCallback(pl.Callback):
         self.first_step = False
         self.histogram_step = False
         self.sampled_steps = 0
+        self.skip_diagnoses: FrozenSet[str] = frozenset()
 
     @property
     def prefix(self) -> str:
@@ -96,6 +100,15 @@ class MonitorCallback(pl.Callback):
         if self.sampled:
             self.sampled_steps += 1
 
+    def set_skip_diagnoses(self, names: Optional[Sequence[str]]) -> None:
+        """Switch off single diagnoses by rule name; an unknown name is an error that lists the known ones."""
+        names = [] if names is None else ([names] if isinstance(names, str) else list(names))
+        unknown = sorted(set(names) - set(self.DIAGNOSES))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}(skip_diagnoses=...): unknown diagnosis {unknown}; this monitor's "
+                             f"diagnoses are {list(self.DIAGNOSES)}.")
+        self.skip_diagnoses = frozenset(names)
+
     # --------------------------------------------------------------------------------------- alerts
     def raise_alert(
         self,
@@ -110,12 +123,15 @@ class MonitorCallback(pl.Callback):
         value: Optional[float] = None,
         threshold: Optional[float] = None,
         step: Optional[int] = None,
-    ) -> Alert:
+    ) -> Optional[Alert]:
         """Record an alert (rate-limited per rule and subject) and carry out its action (never rate-limited).
 
         The caller guarantees the decision is the same on every rank (decided on reduced values or agreed
-        with :func:`lightwatch.core.reduce.agree_max`).
+        with :func:`lightwatch.core.reduce.agree_max`). A diagnosis named in ``skip_diagnoses`` is dropped
+        here (``None``): neither recorded nor acted on.
         """
+        if rule in self.skip_diagnoses:
+            return None
         alert = Alert(
             source=type(self).__name__,
             rule=rule,
