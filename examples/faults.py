@@ -11,7 +11,9 @@ Each fault is a Lightning callback that breaks one thing at a known step and rec
 - ``dead_units``: part of a layer's units killed so their ReLU never fires again (``dead_frac`` of that
   ReLU in ``monitor.act/<module>/dead_frac``, an alert with a threshold rule on it);
 - ``leaked_val``: validation samples replaced by copies of training samples (``data_leakage``; training
-  curves do not show it).
+  curves do not show it);
+- ``frozen_layer``: a freshly initialised layer frozen by mistake (``frozen_at_init`` at fit start, naming
+  the layer: it stays a fixed random projection).
 
 Example:
     >>> fault = NanBatch(step=3, rows=2)
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-__all__ = ["Fault", "NanBatch", "LRSpike", "DeadUnits", "LeakedValidation"]
+__all__ = ["Fault", "NanBatch", "LRSpike", "DeadUnits", "FrozenLayer", "LeakedValidation"]
 
 logger = logging.getLogger("lightwatch.example")
 
@@ -173,6 +175,33 @@ class DeadUnits(Fault):
                 raise ValueError(f"DeadUnits: layer {name!r} has no bias to push below zero.")
             linear.bias[:k] = self.bias
         self._record(trainer, f"{k} of {linear.out_features} units of {name!r} killed at step {self.step}")
+
+
+class FrozenLayer(Fault):
+    """Freeze a ``Linear`` layer as initialised, in ``on_fit_start``: the wrong layer frozen, a common slip.
+
+    The layer never learns and stays a fixed random projection; the rest of the network trains around it.
+
+    Args:
+        layer: name of the ``nn.Linear`` in ``named_modules()``; ``None`` is the first one.
+    """
+
+    def __init__(self, layer: Optional[str] = None) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def describe(self) -> str:
+        return f"{self.layer or 'the first Linear layer'} frozen as initialised"
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        linears = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)]
+        chosen = [(n, m) for n, m in linears if self.layer is None or n == self.layer][:1]
+        if not chosen:
+            raise ValueError(f"FrozenLayer: no nn.Linear named {self.layer!r}; Linear layers: "
+                             f"{[n for n, _ in linears]}.")
+        name, linear = chosen[0]
+        linear.requires_grad_(False)
+        self._record(trainer, f"{name!r} frozen at fit start, as initialised")
 
 
 class LeakedValidation(Fault):

@@ -13,8 +13,8 @@ prints where the logs are, the TensorBoard command, and a summary of the alerts 
     python examples/train.py --cfg job                         # the composed config, nothing run
     python examples/train.py -m monitor=default,debug          # one run directory per policy
 
-Faults (``fault=...``): ``none``, ``nan_batch``, ``lr_spike``, ``dead_units``, ``leaked_val``
-(``examples/faults.py``).
+Faults (``fault=...``): ``none``, ``nan_batch``, ``lr_spike``, ``dead_units``, ``leaked_val``,
+``frozen_layer`` (``examples/faults.py``).
 """
 from __future__ import annotations
 
@@ -220,7 +220,8 @@ def run(cfg: DictConfig, out_dir: str, choices: Optional[Mapping[str, str]] = No
     if fault is not None:
         lines += [f"planted:     {p}" for p in fault.planted] or [f"planted:     nothing ({fault.describe()} not reached)"]
     else:
-        lines.append("faults:      plant one to see it caught: fault=nan_batch|lr_spike|dead_units|leaked_val "
+        lines.append("faults:      plant one to see it caught: "
+                     "fault=nan_batch|lr_spike|dead_units|leaked_val|frozen_layer "
                      "(e.g. python examples/train.py fault=nan_batch monitor=strict)")
     if stopped:
         lines.append(f"stopped:     {stopped}")

@@ -57,14 +57,14 @@ def read_alerts(run_dir: str) -> List[Dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------- config tree
 def test_the_app_config_tree_has_the_documented_groups():
-    assert options("fault") == ["dead_units", "leaked_val", "lr_spike", "nan_batch", "none"]
+    assert options("fault") == ["dead_units", "frozen_layer", "leaked_val", "lr_spike", "nan_batch", "none"]
     assert {"mlp", "tanh"} <= set(options("model"))
     assert {"default", "fast", "ddp"} <= set(options("trainer"))
     assert options("data") == ["digits"]
     assert options(os.path.join("monitor", "rules")) == ["digits"]  # an app's own option in lightwatch's group
 
 
-@pytest.mark.parametrize("fault", ["dead_units", "leaked_val", "lr_spike", "nan_batch", "none"])
+@pytest.mark.parametrize("fault", ["dead_units", "frozen_layer", "leaked_val", "lr_spike", "nan_batch", "none"])
 def test_every_fault_composes_and_instantiates(fault):
     cfg = compose_app(f"fault={fault}")
     if fault == "none":
@@ -120,6 +120,13 @@ def test_leaked_validation_is_caught_by_the_data_scan_before_training(tmp_path):
     (alert,) = result.alerts  # once: the same leak at the first validation end is not raised again
     assert (alert["rule"], alert["source"], alert["step"]) == ("data_leakage", "DataQualityMonitor", 0)
     assert "90 of the 359 val samples" in alert["message"]
+
+
+def test_a_layer_frozen_as_initialised_is_named_at_fit_start(tmp_path):
+    result = run_in_process(tmp_path, "fault=frozen_layer", "trainer.max_epochs=1")
+    warnings = [a for a in result.alerts if a["severity"] != "info"]
+    assert [(a["rule"], a["subject"], a["step"]) for a in warnings] == [("frozen_at_init", "net.0.weight", 0)]
+    assert "fixed random projection" in warnings[0]["message"]
 
 
 def test_the_recover_rules_roll_a_nan_back_and_training_finishes_healthy(tmp_path):
