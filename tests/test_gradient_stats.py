@@ -169,3 +169,24 @@ def test_a_very_long_interval_keeps_the_per_step_buffers_small(tmp_path: Any, se
     trainer.fit(Classifier(), make_loader())
     # one float per step of the interval would be 4 GB each; they are bounded at 4,096 recent steps
     assert sizes == [4096, 50 + 4096]
+
+
+def test_a_model_with_lazy_layers_trains_under_every_callback(tmp_path: Any, seed: int) -> None:
+    # LazyLinear parameters have no shape until the first forward, which comes after fit start
+    from lightwatch import ActivationStatsMonitor, DataQualityMonitor, MetricCheckpoint, MetricMonitor
+
+    class LazyClassifier(Classifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.LazyLinear(16), torch.nn.ReLU(), torch.nn.LazyLinear(3))
+
+    callbacks = [GradientStatsMonitor(every_n_steps=5), ActivationStatsMonitor(every_n_steps=5),
+                 DataQualityMonitor(scan_before_fit=4), MetricMonitor(every_n_steps=5),
+                 MetricCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="train/loss", every_n_train_steps=5)]
+    trainer = make_trainer(tmp_path, callbacks, max_steps=10, enable_checkpointing=True)
+    trainer.fit(LazyClassifier(), make_loader(n=256))
+    assert trainer.global_step == 10
+    assert [a["rule"] for a in read_alerts(str(tmp_path)) if a["severity"] != "info"] == []
+    events = read_events(str(tmp_path / "tb" / "version_0"))
+    assert "monitor.grad/net.0.weight/norm" in events.Tags()["scalars"]
+    assert list((tmp_path / "ckpt").glob("*.ckpt"))

@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
+from torch.nn.parameter import is_lazy
 
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
@@ -411,6 +412,8 @@ class GradientStatsMonitor(MonitorCallback):
             if "frozen_at_init" not in self.skip_diagnoses:
                 self._check_frozen_at_init(trainer, pl_module, frozen_params)
         for i in self._weight_layers:
+            if is_lazy(self._params[i]):  # a LazyLinear/LazyConv not yet run: its shape is not known
+                continue
             w = self._params[i].detach()
             fan_in = w[0].numel() if w.dim() > 1 else 1
             scaled = float(w.float().var()) * fan_in if w.numel() > 1 else 1.0

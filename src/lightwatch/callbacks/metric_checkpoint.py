@@ -27,6 +27,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint
+from torch.nn.parameter import is_lazy
 
 from lightwatch.core.actions import ActionContext, register_action
 from lightwatch.core.alerts import Alert, AlertCooldown, MonitorError, alert_log, severity_at_least
@@ -609,7 +610,8 @@ class MetricCheckpoint(Checkpoint):
             self._start(trainer, pl_module)
 
     def _start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
+        # lazy parameters (LazyLinear before its first forward) have no size yet: the first save measures it
+        self._param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters() if not is_lazy(p))
         if is_sharded_strategy(trainer):
             self._param_bytes *= max(1, int(trainer.world_size))
         self._reconcile(trainer)

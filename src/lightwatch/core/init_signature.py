@@ -25,6 +25,7 @@ import math
 from typing import Sequence
 
 import torch
+from torch.nn.parameter import is_lazy
 
 __all__ = ["MIN_ELEMENTS", "reads_as_uniform_init", "uniform_init_evidence", "uniform_init_votes"]
 
@@ -90,7 +91,7 @@ def uniform_init_votes(tensors: Sequence[torch.Tensor], device: torch.device) ->
     """
     votes = torch.zeros(2, len(tensors), device=device)
     for i, t in enumerate(tensors):
-        if not t.is_floating_point() or t.device.type == "meta" or t.numel() < MIN_ELEMENTS:
+        if is_lazy(t) or not t.is_floating_point() or t.device.type == "meta" or t.numel() < MIN_ELEMENTS:
             continue
         ks, edge, mean_z, _ = uniform_init_evidence(t).to(device)
         fresh = (ks <= KS_SCALED_MAX) & (edge >= EDGE_MIN) & (mean_z <= MEAN_Z_MAX)
