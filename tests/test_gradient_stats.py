@@ -190,3 +190,45 @@ def test_a_model_with_lazy_layers_trains_under_every_callback(tmp_path: Any, see
     events = read_events(str(tmp_path / "tb" / "version_0"))
     assert "monitor.grad/net.0.weight/norm" in events.Tags()["scalars"]
     assert list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+def test_manual_optimization_with_two_optimizers_is_read_once_per_step(tmp_path: Any, seed: int) -> None:
+    from lightwatch import ActivationStatsMonitor, DataQualityMonitor, MetricCheckpoint, MetricMonitor
+
+    class TwoOptimizers(pl.LightningModule):
+        """GAN-shaped: two parts, two optimizers, one manual backward, both stepped every batch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.encoder = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+            self.head = torch.nn.Linear(16, 3)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            optimizers = self.optimizers()
+            loss = torch.nn.functional.cross_entropy(self.head(self.encoder(x)), y)
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            self.manual_backward(loss)
+            for optimizer in optimizers:
+                optimizer.step()
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> List[torch.optim.Optimizer]:
+            return [torch.optim.SGD(self.encoder.parameters(), lr=0.1), torch.optim.SGD(self.head.parameters(), lr=0.1)]
+
+    callbacks = [GradientStatsMonitor(every_n_steps=5), ActivationStatsMonitor(every_n_steps=5),
+                 DataQualityMonitor(scan_before_fit=4), MetricMonitor(every_n_steps=5),
+                 MetricCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="train/loss", every_n_train_steps=10)]
+    trainer = make_trainer(tmp_path, callbacks, max_steps=40, enable_checkpointing=True)
+    trainer.fit(TwoOptimizers(), make_loader(n=256))
+    assert trainer.global_step == 40  # Lightning counts every optimizer step: 20 batches
+    assert read_alerts(str(tmp_path)) == []
+    events = read_events(str(tmp_path / "tb" / "version_0"))
+    # one reading per batch (the logging step), not one per optimizer
+    assert [e.step for e in events.Scalars("monitor.grad/encoder.0.weight/norm")] == [0, 4, 9, 14, 19]
+    for part in ("encoder.0.weight", "head.weight"):  # both optimizers' updates are measured
+        assert all(e.value > 1e-3 for e in events.Scalars(f"monitor.param/{part}/update_ratio"))
+    assert list((tmp_path / "ckpt").glob("*.ckpt"))
