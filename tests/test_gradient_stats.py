@@ -232,3 +232,18 @@ def test_manual_optimization_with_two_optimizers_is_read_once_per_step(tmp_path:
     for part in ("encoder.0.weight", "head.weight"):  # both optimizers' updates are measured
         assert all(e.value > 1e-3 for e in events.Scalars(f"monitor.param/{part}/update_ratio"))
     assert list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bfloat16_training_is_watched_without_false_alarms(tmp_path: Any, seed: int, precision: str) -> None:
+    from lightwatch import ActivationStatsMonitor, DataQualityMonitor, MetricMonitor
+
+    callbacks = [GradientStatsMonitor(every_n_steps=5), ActivationStatsMonitor(every_n_steps=5),
+                 DataQualityMonitor(scan_before_fit=4), MetricMonitor(every_n_steps=5)]
+    trainer = make_trainer(tmp_path, callbacks, max_steps=60, precision=precision)
+    trainer.fit(Classifier(hidden=64, lr=0.2), make_loader(n=256))
+    assert read_alerts(str(tmp_path)) == []
+    events = read_events(str(tmp_path / "tb" / "version_0"))
+    norms = [e.value for e in events.Scalars("monitor.grad/net.0.weight/norm")]
+    assert len(norms) == 13 and all(0 < v < 10 for v in norms)  # step 0, then every 5 steps
+    assert all(0 <= e.value < 0.6 for e in events.Scalars("monitor.act/net.1/dead_frac"))
