@@ -141,6 +141,7 @@ def test_dead_units_must_persist_during_training(tmp_path: Any, seed: int) -> No
     alerts = alerts_of(tmp_path, _killed(Classifier(depth=2, hidden=16)), max_steps=20, first_step=False)
     dead = [a for a in alerts if a["rule"] == "act_dead"]
     assert len(dead) == 1 and dead[0]["subject"] == "net.3" and dead[0]["step"] == 14  # third check in a row
+    assert "for 3 checks in a row (since step 4)" in dead[0]["message"]
 
 
 @pytest.mark.parametrize("first_step, step", [(True, 0), (False, 9)])

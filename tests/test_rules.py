@@ -150,6 +150,16 @@ def test_consecutive_requires_a_run_of_checks() -> None:
     fired = run({"r": {"metric": "m", "kind": "threshold", "above": 1, "consecutive": 3, "action": "stop"}},
                 {"m": [2, 2, 0, 2, 2, 2, 2]})
     assert fired["r"] == [5, 6]
+    rs = RuleSet({"r": {"metric": "m", "kind": "threshold", "above": 1, "consecutive": 3}})
+    messages = []
+    for i, value in enumerate([2, 2, 0, 2, 2, 2]):  # the streak that fires starts at step 3
+        due = rs.due("step")
+        messages += [f.message for f in rs.evaluate("step", due, {"m": MetricStats.of(value)},
+                                                    {r.name: True for r in due}, step=i, epoch=0)]
+    assert len(messages) == 1 and messages[0].endswith("(held at 3 checks in a row, since step 3)")
+    restored = RuleSet({"r": {"metric": "m", "kind": "threshold", "above": 1, "consecutive": 3}})
+    restored.load_state_dict(rs.state_dict())  # the start of a streak survives a resume
+    assert restored.by_name["r"].since == 3
 
 
 def test_requires_gates_a_rule_on_another_rules_state() -> None:

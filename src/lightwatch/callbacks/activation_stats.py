@@ -600,7 +600,9 @@ class ActivationStatsMonitor(MonitorCallback):
                     hits.append((name, value))
             if hits:
                 name, value = min(hits, key=lambda h: position.get(h[0], 1 << 30))
-                when = "at initialisation (step 0, before any update)" if initial else f"for {checks} checks in a row"
+                since = max(step - (checks - 1) * self.interval, 0)  # checks are every `interval` steps
+                when = ("at initialisation (step 0, before any update)" if initial
+                        else f"for {checks} checks in a row (since step {since})")
                 self.raise_alert(
                     trainer, pl_module, rule=rule, severity="warning", subject=name, value=value, threshold=bound,
                     step=step,

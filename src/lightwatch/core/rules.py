@@ -102,10 +102,13 @@ class Firing:
     rule: "Rule"
     finding: Finding
     step: int
+    since: Optional[int] = None  # first check of the streak that made it fire
 
     @property
     def message(self) -> str:
         text = self.finding.detail
+        if self.rule.consecutive > 1 and self.since is not None:
+            text = f"{text} (held at {self.rule.streak} checks in a row, since step {self.since})"
         if self.rule.message:
             text = f"{text} {self.rule.message}"
         return text
@@ -339,6 +342,7 @@ class Rule:
     # --------------------------------------------------------------------------------- common
     def _init_state(self) -> None:
         self.streak = 0
+        self.since: Optional[int] = None
         self.active = False
         self.last_fired: Optional[int] = None
         self.fired = 0
@@ -368,6 +372,8 @@ class Rule:
         self.last_score = finding.score
         holds = finding.holds and gate_open
         self.streak = self.streak + 1 if holds else 0
+        if self.streak == 1:
+            self.since = step
         self.active = self.streak >= self.consecutive
         cooling = self.last_fired is not None and 0 <= step - self.last_fired < self.cooldown
         fire = self.active and not self.silent and not cooling
@@ -380,6 +386,7 @@ class Rule:
         return {
             "kind": self.kind,
             "streak": int(self.streak),
+            "since": self.since,
             "active": bool(self.active),
             "last_fired": self.last_fired,
             "fired": int(self.fired),
@@ -391,6 +398,8 @@ class Rule:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.streak = int(state.get("streak", 0))
+        since = state.get("since")
+        self.since = None if since is None else int(since)
         self.active = bool(state.get("active", False))
         last = state.get("last_fired")
         self.last_fired = None if last is None else int(last)
@@ -884,7 +893,7 @@ class RuleSet:
             gate = all(self.by_name[r].active for r in rule.requires)
             finding, fire = rule.check(current, ref, step, epoch, gate)
             if fire and finding is not None:
-                firings.append(Firing(rule, finding, step))
+                firings.append(Firing(rule, finding, step, rule.since))
         return firings
 
     def forget_after(self, step: int) -> None:
