@@ -1,6 +1,7 @@
 """The fault diagnoses of the statistics monitors, each on a planted fault, and silence on a healthy run."""
 from __future__ import annotations
 
+import copy
 from typing import Any, List
 
 import pytest
@@ -101,6 +102,24 @@ def test_fine_tuning_with_a_trained_backbone_frozen_is_not_a_fault(tmp_path: Any
     alerts = alerts_of(tmp_path / "finetune", model, max_steps=20)
     assert rules(alerts) == []
     assert [a["rule"] for a in alerts if a["rule"].startswith("frozen")] == ["frozen_parameters"]
+
+
+class WithTargetNetwork(Classifier):
+    """DQN/MoCo/BYOL-shaped: a frozen copy of the network (updated by EMA in real code) next to the trained one."""
+
+    def __init__(self, independent: bool = False) -> None:
+        super().__init__(hidden=64, depth=2)
+        self.target = Classifier(hidden=64, depth=2).net if independent else copy.deepcopy(self.net)
+        self.target.requires_grad_(False)
+
+
+def test_a_frozen_target_network_that_starts_as_a_copy_is_not_a_fault(tmp_path: Any, seed: int) -> None:
+    alerts = alerts_of(tmp_path, WithTargetNetwork(), max_steps=5)
+    assert "frozen_at_init" not in rules(alerts) and "frozen_parameters" in rules(alerts, "info")
+    # a frozen layer that is no copy of anything trained is still named
+    independent = alerts_of(tmp_path / "independent", WithTargetNetwork(independent=True), max_steps=5)
+    (alert,) = [a for a in independent if a["rule"] == "frozen_at_init"]
+    assert alert["subject"] == "target.2.weight"
 
 
 def test_a_diagnosis_is_switched_off_by_name_and_the_others_stay_on(tmp_path: Any, seed: int) -> None:

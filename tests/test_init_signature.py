@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightwatch.core.init_signature import (MIN_ELEMENTS, SAMPLE_MAX, reads_as_uniform_init, uniform_init_evidence,
-                                            uniform_init_votes)
+from lightwatch.core.init_signature import (MIN_ELEMENTS, SAMPLE_MAX, copies, fingerprints, reads_as_uniform_init,
+                                            uniform_init_evidence, uniform_init_votes)
 from lightwatch.core.reduce import agree_max
 
 
@@ -87,3 +87,23 @@ def test_votes_abstain_on_small_tensors_and_agree_across_shards() -> None:
     assert agreed.tolist() == [[0, 1, 0], [1, 1, 0]]  # fresh; one rank objects -> not fresh; abstained
     flags = uniform_init_votes(shards[0], torch.device("cpu"))
     assert torch.equal(agree_max(flags.view(-1)).view(2, -1), flags)  # one process: the MAX is the identity
+
+
+def test_copies_are_found_by_fingerprint_whatever_the_sharding() -> None:
+    torch.manual_seed(0)
+    online, other = nn.Linear(64, 64).weight.detach(), nn.Linear(64, 64).weight.detach()
+    target = online.clone()
+    cpu = torch.device("cpu")
+    rows = fingerprints([target, online, other, nn.Linear(32, 128).weight], cpu).tolist()
+    assert copies(rows[:1], rows[1:]) == [True]
+    assert copies(rows[2:3], [rows[0], rows[3]]) == [False]  # same size, independent draw
+    # two ranks holding different pieces of each tensor: the SUM over ranks is the whole tensor's fingerprint
+    flat_t, flat_o = target.reshape(-1), online.reshape(-1)
+    rank0 = fingerprints([flat_t[:1000], flat_o[:3000]], cpu)
+    rank1 = fingerprints([flat_t[1000:], flat_o[3000:]], cpu)
+    summed = (rank0 + rank1).tolist()
+    assert copies(summed[:1], summed[1:]) == [True]
+    assert summed[0] == pytest.approx(rows[0], rel=1e-12)
+    small_change = target.clone()
+    small_change[0, 0] += 1e-3  # a copy that has moved is no longer a copy
+    assert copies(fingerprints([small_change], cpu).tolist(), rows[1:2]) == [False]

@@ -11,7 +11,7 @@ from torch.nn.parameter import is_lazy
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row, histogram_row
-from lightwatch.core.init_signature import uniform_init_votes
+from lightwatch.core.init_signature import copies, fingerprints, uniform_init_votes
 from lightwatch.core.readback import HostReadback
 from lightwatch.core.reduce import agree_max, all_reduce_flat
 from lightwatch.core.runtime import is_sharded_strategy, learning_rates, local_tensor, logging_step, lr_rising
@@ -433,7 +433,9 @@ class GradientStatsMonitor(MonitorCallback):
 
         Freezing pretrained layers is fine-tuning; freezing a layer nobody trained makes it a fixed random
         projection, which is a mistake (the wrong layers frozen, or the weights loaded after freezing, or not
-        at all). See :mod:`lightwatch.core.init_signature` for the test and its thresholds.
+        at all). A frozen copy of a trainable tensor (a DQN target network, a MoCo/BYOL momentum encoder, a
+        mean teacher) starts fresh by design and is left out. See :mod:`lightwatch.core.init_signature` for
+        the tests and their thresholds.
         """
         tensors = [local_tensor(p) for _, p in frozen]
         device = next((t.device for t in tensors if t.device.type != "meta"), torch.device("cpu"))
@@ -441,9 +443,21 @@ class GradientStatsMonitor(MonitorCallback):
         if self._sharded:  # each rank judged its own shards: a tensor is named when no rank objects
             agree_max(votes.view(-1))
         objection, support = votes.tolist()
-        fresh = [name for (name, _), o, v in zip(frozen, objection, support) if v > 0 and o == 0]
+        fresh = [i for i, (o, v) in enumerate(zip(objection, support)) if v > 0 and o == 0]
+        if fresh:  # a frozen copy of a trainable tensor is a target or momentum network, fresh by design
+            trainable = [local_tensor(p) for p in pl_module.parameters() if p.requires_grad]
+            if not self._sharded:  # only tensors of the same size can be copies (shards may differ in size)
+                sizes = {tensors[i].numel() for i in fresh}
+                trainable = [t for t in trainable if not is_lazy(t) and t.numel() in sizes]
+            rows = fingerprints([tensors[i] for i in fresh] + trainable, device)
+            if self._sharded:
+                all_reduce_flat(rows.view(-1))
+            rows_host = rows.tolist()
+            copied = copies(rows_host[:len(fresh)], rows_host[len(fresh):])
+            fresh = [i for i, c in zip(fresh, copied) if not c]
         if not fresh:
             return
+        fresh = [frozen[i][0] for i in fresh]
         listed = ", ".join(fresh[:5]) + (" ..." if len(fresh) > 5 else "")
         self.raise_alert(
             trainer, pl_module, rule="frozen_at_init", severity="warning", subject=fresh[0], value=float(len(fresh)),
