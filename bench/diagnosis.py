@@ -26,6 +26,7 @@ Usage (from the repository root)::
     OMP_NUM_THREADS=1 python bench/diagnosis.py                      # full suite: 5 seeds, 20 healthy
     python bench/diagnosis.py --faults dead_relu,nan_in_data --seeds 2 --healthy-seeds 4
     python bench/diagnosis.py --severity lr_too_high=10 --faults lr_too_high   # a dose
+    python bench/diagnosis.py --doses label_noise=0.1,0.2,0.4,0.7 --healthy-seeds 10 --modes lightwatch
     python bench/diagnosis.py --jobs 2 --markdown outputs/diagnosis/tables.md
     python bench/diagnosis.py --tables-from outputs/diagnosis/results.json       # re-tabulate, no training
 """
@@ -180,7 +181,8 @@ def run_one(task: Dict[str, Any]) -> Dict[str, Any]:
     start = time.perf_counter()
     run = fault.build(task["seed"], task.get("severity"), task.get("max_steps"))
     mode = task["mode"]
-    run_dir = os.path.join(task["work_dir"], mode, run.fault, f"seed{run.seed}")
+    name = f"{run.fault}@{_fmt(run.severity)}" if task.get("dose") else run.fault  # doses of one fault apart
+    run_dir = os.path.join(task["work_dir"], mode, name, f"seed{run.seed}")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir, exist_ok=True)
     record: Dict[str, Any] = {
@@ -235,7 +237,7 @@ def run_one(task: Dict[str, Any]) -> Dict[str, Any]:
     if error is not None:
         record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     record["wall_s"] = round(time.perf_counter() - start, 3)
-    raw_path = os.path.join(task["out_dir"], "runs", mode, run.fault, f"seed{run.seed}.json")
+    raw_path = os.path.join(task["out_dir"], "runs", mode, name, f"seed{run.seed}.json")
     os.makedirs(os.path.dirname(raw_path), exist_ok=True)
     with open(raw_path, "w", encoding="utf-8") as fh:
         json.dump(_json_safe({**record, "raw": raw}), fh)
@@ -411,7 +413,7 @@ def detection_table(records: List[Dict[str, Any]], faults: Sequence[Any]) -> Tup
                "SD steps"]
     rows = []
     for fault in faults:
-        lw = by[("lightwatch", fault.name)]
+        lw = _main_dose(by[("lightwatch", fault.name)], fault)
         harm, harmful = _harm(fault, lw, healthy) if lw else ("n/a", None)
         severity = lw[0]["severity"] if lw else fault.severity
         row = [fault.name, fault.kind, f"{_fmt(severity)} ({fault.severity_doc})", harm,
@@ -431,7 +433,7 @@ def detection_table(records: List[Dict[str, Any]], faults: Sequence[Any]) -> Tup
         else:
             row += ["-"] * 6
         for mode in ("early_stopping", "spike_detection"):
-            runs = by[(mode, fault.name)]
+            runs = _main_dose(by[(mode, fault.name)], fault)
             if not runs:
                 row += ["-", "-"]
                 continue
@@ -442,6 +444,66 @@ def detection_table(records: List[Dict[str, Any]], faults: Sequence[Any]) -> Tup
             row += [f"{len(hits)}/{len(det)}{why}", _fmt(_median([d["delay"] for d in hits])) if hits else "-"]
         rows.append(row)
     return headers, rows
+
+
+def _main_dose(runs: List[Dict[str, Any]], fault: Any) -> List[Dict[str, Any]]:
+    """The runs of one dose: the fault's default when a dose-response run holds several, else all of them."""
+    doses = sorted({_num(r.get("severity")) for r in runs})
+    if len(doses) <= 1:
+        return runs
+    main = next((d for d in doses if math.isclose(d, fault.severity)), doses[-1])
+    return [r for r in runs if math.isclose(_num(r.get("severity")), main)]
+
+
+def _lightwatch_summary(det: List[Dict[str, Any]]) -> List[str]:
+    """Recall at warning+, recall at info+, median steps and the rules that fired, for one group of runs."""
+    hits = [d for d in det if d["detected"]]
+    rules = collections.Counter(d["rule"] for d in hits)
+    return [f"{len(hits)}/{len(det)}", f"{sum(1 for d in det if d['detected_any'])}/{len(det)}",
+            _fmt(_median([d["delay"] for d in hits])) if hits else "-",
+            ", ".join(f"{k} ({v})" for k, v in rules.most_common(2)) or "-"]
+
+
+def dose_table(records: List[Dict[str, Any]], faults: Sequence[Any]) -> Tuple[List[str], List[List[str]]]:
+    """Dose-response: per fault run at several severities, recall and harm per dose, and where each starts.
+
+    The last two columns, on each fault's first row: the mildest dose lightwatch names at ``warning`` in at
+    least 80% of the seeds, and the mildest dose that does measurable harm. A detector tuned well fires near
+    the harm threshold: not much below it (it would warn about harmless runs), not above it.
+    """
+    healthy = [r for r in records if r["mode"] == "lightwatch" and r["fault"] == "healthy"]
+    headers = ["fault", "severity", "harm", "harmful", "lw recall", "lw recall (info+)", "lw steps", "lw rule",
+               "mildest dose caught (>= 80%)", "mildest harmful dose"]
+    rows = []
+    for fault in faults:
+        runs = [r for r in records if r["mode"] == "lightwatch" and r["fault"] == fault.name and r.get("detection")]
+        doses = sorted({_num(r.get("severity")) for r in runs})
+        if len(doses) < 2:
+            continue
+        group_rows, caught, harmful_doses = [], [], []
+        for dose in doses:
+            at = [r for r in runs if math.isclose(_num(r.get("severity")), dose)]
+            harm, harmful = _harm(fault, at, healthy) if healthy else ("n/a (no healthy runs)", None)
+            det = [r["detection"] for r in at]
+            if sum(1 for d in det if d["detected"]) >= 0.8 * len(det):
+                caught.append(dose)
+            if harmful:
+                harmful_doses.append(dose)
+            group_rows.append([fault.name, _fmt(dose), harm, {True: "yes", False: "no", None: "?"}[harmful],
+                               *_lightwatch_summary(det)])
+        # "mildest": the lowest value, except where a lower value is the worse fault (a share of samples kept)
+        pick = max if _worse_when_lower(fault) else min
+        group_rows[0] += [_fmt(pick(caught)) if caught else "none", _fmt(pick(harmful_doses)) if harmful_doses
+                          else "none"]
+        for row in group_rows[1:]:
+            row += ["", ""]
+        rows += group_rows
+    return headers, rows
+
+
+def _worse_when_lower(fault: Any) -> bool:
+    """Whether a lower severity value is a worse fault (a share of samples kept, for class imbalance)."""
+    return "kept" in fault.severity_doc
 
 
 def false_alarm_table(records: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
@@ -658,6 +720,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="override the runs' length (default: each recipe's)")
     p.add_argument("--severity", action="append", default=[], metavar="FAULT=VALUE",
                    help="run FAULT at another severity (repeatable)")
+    p.add_argument("--doses", dest="doses_", action="append", default=[], metavar="FAULT=V1,V2,...",
+                   help="dose-response: run FAULT at each of these severities (repeatable); adds a table of "
+                        "recall and harm per dose, with the mildest dose caught and the mildest that harms")
     p.add_argument("--out", default=os.path.join(_ROOT, "outputs", "diagnosis"),
                    help="where results.json and runs/ go (default outputs/diagnosis, ignored by git)")
     p.add_argument("--keep-logs", action="store_true", help="keep each run's TensorBoard and alerts files")
@@ -670,6 +735,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     unknown = [n for n in names if n not in FAULTS]
     if unknown:
         p.error(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(FAULTS)}")
+    args.doses = {}
+    for item in args.doses_:
+        name, sep, values = item.partition("=")
+        try:
+            doses = sorted({float(v) for v in values.split(",") if v.strip()})
+        except ValueError:
+            doses = []
+        if not sep or name not in FAULTS or not doses:
+            p.error(f"--doses expects FAULT=V1,V2,... with a known fault and numbers, got {item!r}")
+        args.doses[name] = doses
+    if args.doses and args.faults == "all":  # a dose-response run is about the faults it names
+        names = list(args.doses)
+    names += [n for n in args.doses if n not in names]
     args.fault_names = names
     args.seed_list = _seeds(args.seeds) if args.seeds not in ("0", "") else []
     args.healthy_list = _seeds(args.healthy_seeds) if args.healthy_seeds not in ("0", "") else []
@@ -716,8 +794,14 @@ def run_suite(args: argparse.Namespace, faults: Sequence[Any]) -> Tuple[List[Dic
     tasks = []
     for mode in args.mode_list:
         tasks += [{"fault": "healthy", "seed": seed, "mode": mode} for seed in args.healthy_list]
-        tasks += [{"fault": f.name, "seed": seed, "mode": mode, "severity": args.severities.get(f.name)}
-                  for f in faults for seed in args.seed_list]
+        for f in faults:
+            doses = args.doses.get(f.name)
+            if doses:
+                tasks += [{"fault": f.name, "seed": seed, "mode": mode, "severity": dose, "dose": True}
+                          for dose in doses for seed in args.seed_list]
+            else:
+                tasks += [{"fault": f.name, "seed": seed, "mode": mode, "severity": args.severities.get(f.name)}
+                          for seed in args.seed_list]
     for t in tasks:
         t.update(policy=args.policy, max_steps=args.max_steps, out_dir=args.out, work_dir=work_dir,
                  keep_logs=args.keep_logs)
@@ -751,7 +835,7 @@ def run_suite(args: argparse.Namespace, faults: Sequence[Any]) -> Tuple[List[Dic
     finally:
         if not args.keep_logs:
             shutil.rmtree(work_dir, ignore_errors=True)
-    records.sort(key=lambda r: (r["mode"], r["fault"], r["seed"]))
+    records.sort(key=lambda r: (r["mode"], r["fault"], _num(r.get("severity")), r["seed"]))
     return records, time.perf_counter() - start
 
 
@@ -763,6 +847,7 @@ def report(records: List[Dict[str, Any]], faults: Sequence[Any], top: int = 2) -
     ranges = signal_ranges(ok, faults)
     sig_h, sig_rows = signal_table(ranges)
     rec_h, rec_rows = recommendation_table(ranges, faults, top)
+    dose_h, dose_rows = dose_table(ok, faults)
     sections = [
         ("Detection per fault (lw: lightwatch's policy; recall = runs with a warning+ alert at or after the "
          "onset / runs; diagnosed = the alert's rule names the cause; steps = median optimizer steps from onset "
@@ -772,9 +857,12 @@ def report(records: List[Dict[str, Any]], faults: Sequence[Any], top: int = 2) -
         ("Separating signals per fault (threshold halfway, geometric for log-scale signals)",
          _markdown(rec_h, rec_rows)),
     ]
+    if dose_rows:
+        sections.insert(1, ("Dose-response (lightwatch; the detection table above shows each fault's default dose)",
+                            _markdown(dose_h, dose_rows)))
     text = "\n\n".join(f"## {title}\n\n{table}" for title, table in sections)
     tables = {"detection": [det_h] + det_rows, "false_alarms": [fa_h] + fa_rows, "signals": [sig_h] + sig_rows,
-              "recommendations": [rec_h] + rec_rows}
+              "recommendations": [rec_h] + rec_rows, "doses": [dose_h] + dose_rows}
     return text, {"signal_ranges": ranges, "tables": tables}
 
 
@@ -806,7 +894,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"# failed: {r['mode']} {r['fault']} seed {r['seed']}: {r.get('error')}")
     if not args.tables_from:
         summary = {
-            "args": {k: v for k, v in vars(args).items() if k not in ("severity",)},
+            "args": {k: v for k, v in vars(args).items() if k not in ("severity", "doses_")},
             "wall_s": wall,
             "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__,
                          "python": platform.python_version(), "platform": platform.platform()},

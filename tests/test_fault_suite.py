@@ -361,6 +361,27 @@ def test_diagnosis_script_smoke(tmp_path: Any) -> None:
     assert raw["alerts"] == raw["raw"]["alerts"]
 
 
+def test_diagnosis_script_dose_response(tmp_path: Any) -> None:
+    out = tmp_path / "doses"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "diagnosis.py"), "--doses", "dead_relu=0.3,0.9",
+           "--seeds", "1", "--healthy-seeds", "1", "--max-steps", "20", "--modes", "lightwatch", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sections = {chunk.split("\n", 1)[0]: chunk for chunk in proc.stdout.split("\n## ")[1:]}
+    doses = next(text for title, text in sections.items() if title.startswith("Dose-response"))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in doses.splitlines()
+            if line.startswith("| dead_relu |")]
+    assert [(r[1], r[4]) for r in rows] == [("0.3", "0/1"), ("0.9", "1/1")]  # 30% dead units: below the threshold
+    assert rows[0][8] == "0.9" and rows[1][8] == ""  # the mildest dose caught, on the fault's first row
+    detection = next(text for title, text in sections.items() if title.startswith("Detection per fault"))
+    (main,) = [line for line in detection.splitlines() if line.startswith("| dead_relu |")]
+    assert "| 0.9 (" in main  # the detection table keeps the fault's default dose
+    # each dose's raw records apart
+    assert (out / "runs" / "lightwatch" / "dead_relu@0.3" / "seed0.json").exists()
+    assert (out / "runs" / "lightwatch" / "dead_relu@0.9" / "seed0.json").exists()
+
+
 # ------------------------------------------------------------------ the CI slice: detection and silence
 # Faults the default policy names before the first optimizer step (step 0), faults it names within one logging
 # interval (10 steps) of their onset, and faults that show only as a run that does not learn (named at the

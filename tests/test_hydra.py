@@ -121,8 +121,15 @@ def test_policies_set_cadence_actions_and_detail_as_documented():
         assert cb.prefix == "monitor"
     assert default[MetricMonitor].every_n_steps is None
     assert rule_actions(default[MetricMonitor]) == {"loss_nonfinite": "stop", "loss_spike": "warn",
-                                                    "loss_shift": "warn"}
-    assert {r.metric for r in default[MetricMonitor].rules.rules} == {"monitor.step/loss", "monitor.step/loss_shift_z"}
+                                                    "loss_shift": "warn", "loss_regressed": "warn"}
+    assert {r.metric for r in default[MetricMonitor].rules.rules} == {
+        "monitor.step/loss", "monitor.step/loss_shift_z", "monitor.step/loss_regress"}
+    # the policy's rules are MetricMonitor's own defaults, written out
+    from lightwatch.callbacks.metric_monitor import default_rules
+
+    assert {r.name: (r.metric, r.action, r.consecutive) for r in default[MetricMonitor].rules.rules} == {
+        r.name: (r.metric, r.action, r.consecutive) for r in MetricMonitor().rules.rules}
+    assert set(default_rules()) == {r.name for r in default[MetricMonitor].rules.rules}
     checks = default[DataQualityMonitor].checks
     assert default[DataQualityMonitor].distribution and default[DataQualityMonitor].duplicates
     assert (checks["nonfinite"].action, checks["leakage"].severity) == ("warn", "warning")
@@ -132,7 +139,8 @@ def test_policies_set_cadence_actions_and_detail_as_documented():
         assert (strict[kind].every_n_steps, strict[kind].nonfinite_action, strict[kind].top_k) == (10, "stop", 50)
     assert strict[MetricMonitor].every_n_steps == 10
     assert rule_actions(strict[MetricMonitor]) == {"loss_nonfinite": "stop", "loss_spike": "warn",
-                                                   "loss_shift": "warn", "grad_norm_spike": "warn"}
+                                                   "loss_shift": "warn", "loss_regressed": "warn",
+                                                   "grad_norm_spike": "warn"}
     checks = strict[DataQualityMonitor].checks
     assert [checks[c].action for c in ("nonfinite", "label_range", "schema")] == ["stop"] * 3
     assert checks["leakage"].severity == "error" and checks["drift"].action == "warn"
@@ -244,7 +252,7 @@ def test_rules_are_edited_added_and_removed_by_name_from_the_command_line():
         "monitor.rules.max_rollbacks=1",
     ))[MetricMonitor]
     by_name = {rule.name: rule for rule in rules.rules.rules}
-    assert sorted(by_name) == ["loss_shift", "loss_spike", "val_plateau"]
+    assert sorted(by_name) == ["loss_regressed", "loss_shift", "loss_spike", "val_plateau"]
     assert by_name["loss_spike"].z == 5.0 and by_name["loss_spike"].consecutive == 2
     assert (by_name["val_plateau"].metric, by_name["val_plateau"].patience, by_name["val_plateau"].action) == (
         "val/loss", 2, "stop")
@@ -253,7 +261,8 @@ def test_rules_are_edited_added_and_removed_by_name_from_the_command_line():
 
 def test_the_rule_variants_carry_their_documented_actions():
     recover = by_type(monitors("monitor/rules=recover"))[MetricMonitor]
-    assert rule_actions(recover) == {"loss_nonfinite": "rollback", "loss_spike": "rollback", "loss_shift": "rollback"}
+    assert rule_actions(recover) == {"loss_nonfinite": "rollback", "loss_spike": "rollback", "loss_shift": "rollback",
+                                     "loss_regressed": "warn"}  # a slow setback: rolling back would repeat it
     plateau = by_type(monitors("monitor/rules=plateau", "monitor.rules.rules.val_plateau.metric=val/acc",
                                "monitor.rules.rules.val_plateau.mode=max"))[MetricMonitor]
     rule = next(r for r in plateau.rules.rules if r.name == "val_plateau")

@@ -89,15 +89,15 @@ def test_no_alert_on_healthy_sequences(tmp_path: Any, seed: int) -> None:
     trainer = make_trainer(tmp_path, [monitor], max_steps=45)
     trainer.fit(Scripted(scripted_series(faults=False)), make_loader(n=45 * 16))
     assert read_alerts(str(tmp_path)) == []
-    # loss_shift needs 60 steps of per-step losses before its first score; this run has 45
-    assert all(r.seen for r in monitor.rules.rules if r.name != "loss_shift")
+    # loss_shift needs 60 steps of per-step losses before its first score, loss_regressed 50; this run has 45
+    assert all(r.seen for r in monitor.rules.rules if r.name not in ("loss_shift", "loss_regressed"))
 
 
 def test_no_arguments_on_a_plain_classifier_is_quiet_and_cheap(tmp_path: Any, seed: int) -> None:
     monitor = MetricMonitor()
     trainer = make_trainer(tmp_path, [monitor], max_steps=60, log_every_n_steps=5)
     trainer.fit(Classifier(lr=0.2), labelled_loader(shuffle_labels=False, n=512))  # labels it can learn
-    assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite", "loss_spike", "loss_shift"]
+    assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite", "loss_spike", "loss_shift", "loss_regressed"]
     assert read_alerts(str(tmp_path)) == []
     assert monitor.interval == 5  # follows Trainer(log_every_n_steps)
     assert monitor.host_reads == 12 and monitor.collectives == 0  # one read per sampled step, nothing else
@@ -231,7 +231,7 @@ def test_bad_constructor_arguments_say_what_and_where() -> None:
     with pytest.raises(ValueError, match="lr_factor"):
         MetricMonitor(lr_factor=0.0)
     monitor = MetricMonitor(rules={"loss_spike": None}, builtin_rules=True)
-    assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite", "loss_shift"]
+    assert [r.name for r in monitor.rules.rules] == ["loss_nonfinite", "loss_shift", "loss_regressed"]
 
 
 def test_checkpoint_action_asks_metric_checkpoint_to_save(tmp_path: Any, seed: int) -> None:
@@ -281,7 +281,8 @@ def test_healthy_losses_and_a_switched_off_check_raise_no_negative_loss_alert(tm
     assert [a for a in read_alerts(str(tmp_path / "healthy")) if a["rule"] == "loss_negative"] == []
     monitor = MetricMonitor(every_n_steps=5, rules={"loss_negative": None})
     assert not monitor.negative_loss_check
-    assert sorted(r.name for r in monitor.rules.rules) == ["loss_nonfinite", "loss_shift", "loss_spike"]
+    assert sorted(r.name for r in monitor.rules.rules) == ["loss_nonfinite", "loss_regressed", "loss_shift",
+                                                           "loss_spike"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MonitorWarning)
         trainer = make_trainer(tmp_path / "off", [monitor], max_steps=30)
@@ -290,7 +291,8 @@ def test_healthy_losses_and_a_switched_off_check_raise_no_negative_loss_alert(tm
 
 
 def test_the_negative_loss_check_runs_without_any_loss_rule(tmp_path: Any) -> None:
-    monitor = MetricMonitor(every_n_steps=5, rules={"loss_nonfinite": None, "loss_spike": None, "loss_shift": None})
+    monitor = MetricMonitor(every_n_steps=5, rules={"loss_nonfinite": None, "loss_spike": None, "loss_shift": None,
+                                                    "loss_regressed": None})
     assert monitor.negative_loss_check and len(monitor.rules) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MonitorWarning)
@@ -316,8 +318,9 @@ STEP_SPIKE = {"loss_step_spike": {"metric": "monitor.step/loss_step_z", "kind": 
 
 
 def test_the_per_step_spike_score_catches_a_one_step_loss_spike_between_checks(tmp_path: Any) -> None:
-    # per-step losses are kept only when a rule reads a per-step score: the default loss_shift does
-    assert MetricMonitor().step_spike_check and not MetricMonitor(rules={"loss_shift": None}).step_spike_check
+    # per-step losses are kept only when a rule reads a per-step score: the default loss_shift and loss_regressed do
+    assert MetricMonitor().step_spike_check
+    assert not MetricMonitor(rules={"loss_shift": None, "loss_regressed": None}).step_spike_check
     monitor = MetricMonitor(every_n_steps=10, rules=STEP_SPIKE)
     assert monitor.step_spike_check
     with warnings.catch_warnings():
@@ -432,3 +435,62 @@ def test_a_lasting_loss_jump_is_a_loss_shift_and_one_hard_batch_is_not(tmp_path:
     healthy = MetricMonitor(every_n_steps=5)
     make_trainer(tmp_path / "healthy", [healthy], max_steps=90).fit(LevelShiftAt(None), labelled_loader(False, 1024))
     assert read_alerts(str(tmp_path / "healthy")) == []
+
+
+# ----------------------------------------------------------------------------------- loss_regressed
+class ScriptedLoss(pl.LightningModule):
+    """Training loss ``levels(step)`` exactly (a zero-weighted parameter term keeps it differentiable)."""
+
+    def __init__(self, levels: Any, restart_at: Optional[int] = None) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.levels, self.restart_at = levels, restart_at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return (self.w * 0).sum() + float(self.levels(self.global_step))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        if self.restart_at is None:
+            return optimizer
+        restart = self.restart_at  # a warm restart: the rate jumps up 10x and stays there
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 10.0 if s >= restart else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def falls_then_rises(step: int) -> float:
+    return 2.0 - 1.5 * step / 60 if step < 60 else (0.5 if step < 100 else 1.2)  # best 0.5, then 2.4x that
+
+
+def regressions(tmp_path: Any, module: pl.LightningModule, max_steps: int = 200) -> List[dict]:
+    monitor = MetricMonitor(every_n_steps=10)
+    make_trainer(tmp_path, [monitor], max_steps=max_steps).fit(module, make_loader(n=max_steps * 16))
+    return [a for a in read_alerts(str(tmp_path)) if a["rule"] == "loss_regressed"]
+
+
+def test_a_loss_that_goes_back_up_and_stays_is_a_regression(tmp_path: Any, seed: int) -> None:
+    (alert,) = regressions(tmp_path, ScriptedLoss(falls_then_rises))
+    # checks at 9, 19, ...: the median of the last 50 steps turns to 1.2 once 26 of them are, at the check of 129;
+    # the second check in a row (139) fires
+    assert (alert["step"], alert["subject"], alert["severity"]) == (139, "monitor.step/loss_regress", "warning")
+    assert alert["value"] == pytest.approx(2.4) and alert["threshold"] == 1.5
+    assert "since step 129" in alert["message"] and "learning rate too high" in alert["message"]
+
+
+def test_a_rise_with_the_learning_rate_or_at_the_floor_of_the_loss_is_not(tmp_path: Any, seed: int) -> None:
+    # a warm restart at step 100 lifts the loss with the rate: a new phase, judged on its own
+    assert regressions(tmp_path / "restart", ScriptedLoss(falls_then_rises, restart_at=100)) == []
+    # 3x a fitted loss, but under 10% of the first step's: noise at the floor, not a setback
+    def tiny(step: int) -> float:
+        return 2.0 if step == 0 else (0.004 if step < 100 else 0.012)
+
+    assert regressions(tmp_path / "floor", ScriptedLoss(tiny)) == []
+    # and the regression is kept across a resume
+    monitor = MetricMonitor(every_n_steps=10)
+    make_trainer(tmp_path / "state", [monitor], max_steps=120).fit(ScriptedLoss(falls_then_rises),
+                                                                   make_loader(n=120 * 16))
+    state = monitor.state_dict()
+    assert state["best_level"] == pytest.approx(0.5) and state["initial_loss"] == pytest.approx(2.0)
+    resumed = MetricMonitor(every_n_steps=10)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["best_level"] == pytest.approx(0.5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -54,6 +54,17 @@ _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standar
 _SHIFT_RECENT_MIN = 10
 _RECENT_MAX = 4096  # with longer intervals the scores look at the last 4,096 steps before a check
 _SHIFT_Z = 4.0
+# Regression score: the median loss of the last 50 steps against the lowest such median since the learning rate
+# last rose, counted only while the level is at least 10% of the first step's loss (a rise from 0.01 to 0.02 is
+# noise at the floor of a fitted loss, not a setback). On the fault suite's 100 healthy runs no two consecutive
+# checks both read above 0.94; a learning rate 3x too high (26 points of test accuracy lost) read >= 1.5 at two
+# checks in a row in 4 of 5 seeds, after 150-200 steps, where the loss oscillates back up.
+_REGRESS_WINDOW = 50
+_REGRESS_FLOOR = 0.1
+_REGRESS_RATIO = 1.5
+_REGRESS_ADVICE = ("A learning rate too high for this stage of training is the usual cause (the loss oscillates "
+                   "back up): lower it or decay it sooner. If the loss is meant to rise (a loss weight annealed up, "
+                   "a curriculum that gets harder), drop this rule: rules={'loss_regressed': None}.")
 
 
 def default_rules(prefix: str = "monitor") -> Dict[str, Dict[str, Any]]:
@@ -69,6 +80,10 @@ def default_rules(prefix: str = "monitor") -> Dict[str, Dict[str, Any]]:
       median of the 50 steps before -> ``warning``, ``warn``: a spike that set training back, even when it
       fell between two checks. It keeps every step's loss in a small ring on the device (one scalar copy a
       step, no host read).
+    - ``loss_regressed``: the median loss of the last 50 steps is at least 1.5x the lowest such median since
+      the learning rate last rose, at two checks in a row, while at least 10% of the first step's loss ->
+      ``warning``, ``warn``: the loss went back up and stayed there (a learning rate too high for this stage
+      of training, an instability), which no single spike shows.
 
     They are checked every ``every_n_steps`` steps. ``MetricMonitor`` also runs the built-in checks
     ``loss_negative`` and ``loss_not_learning`` (see :class:`MetricMonitor`); they are not rules of this list.
@@ -83,6 +98,9 @@ def default_rules(prefix: str = "monitor") -> Dict[str, Dict[str, Any]]:
                        "consecutive": 2},
         "loss_shift": {"metric": f"{prefix}.step/loss_shift_z", "kind": "threshold", "above": _SHIFT_Z,
                        "severity": "warning", "action": "warn", "check_on": ["step"]},
+        "loss_regressed": {"metric": f"{prefix}.step/loss_regress", "kind": "threshold", "above": _REGRESS_RATIO,
+                           "severity": "warning", "action": "warn", "check_on": ["step"], "consecutive": 2,
+                           "message": _REGRESS_ADVICE},
     }
 
 
@@ -125,6 +143,11 @@ class MetricMonitor(MonitorCallback):
     Built-in value for lasting jumps, ``monitor.step/loss_shift_z``, read by the default rule ``loss_shift``: the
     median loss of the steps since the previous check (at least 10) against the median and MAD (plus 1% of the
     median) of the 50 steps before them, from the same device ring.
+
+    Built-in value for setbacks, ``monitor.step/loss_regress``, read by the default rule ``loss_regressed``: the
+    median loss of the last 50 steps over the lowest such median since the learning rate last rose (a restart
+    or a warmup starts a new phase), from the same ring; 0 while that median is below 10% of the first step's
+    loss, or before 50 steps.
 
     Built-in check ``loss_not_learning`` (on by default, with the built-in rules): once, at the first step
     check at or after step 50 at which the learning rate is no longer rising (a warmup defers it: a flat loss
@@ -227,9 +250,10 @@ class MetricMonitor(MonitorCallback):
         self.grad_norm_metric = f"{prefix}.step/grad_norm"
         self.step_z_metric = f"{prefix}.step/loss_step_z"
         self.shift_z_metric = f"{prefix}.step/loss_shift_z"
+        self.regress_metric = f"{prefix}.step/loss_regress"
         self.first_loss_metric = f"{prefix}.step/loss_first"  # internal: the first step's loss, for loss_not_learning
         self._builtins = (self.loss_metric, self.grad_norm_metric, self.step_z_metric, self.shift_z_metric,
-                          self.first_loss_metric)
+                          self.regress_metric, self.first_loss_metric)
         self._due: Dict[str, List[Rule]] = {p: self.rules.due(p) for p in _POINTS}
         self._names: Dict[int, List[str]] = {}  # metrics of each due list (they live as long as this callback)
         step_metrics = set(RuleSet.metrics_of(self._due["step"]))
@@ -238,7 +262,7 @@ class MetricMonitor(MonitorCallback):
         self._loss_sampled = self.loss_metric in step_metrics or self.negative_loss_check or self.learning_check
         # every step's loss is kept only when a rule reads a per-step score (the default loss_shift does)
         self.step_spike_check = any(m in r.metrics for r in self.rules.rules
-                                    for m in (self.step_z_metric, self.shift_z_metric))
+                                    for m in (self.step_z_metric, self.shift_z_metric, self.regress_metric))
         self._negative_since: Optional[int] = None  # first check that saw a negative loss
         # loss_not_learning: the first step's loss (device, read with the first check), the reduced reference,
         # the loss at the latest checks, and whether the one check is done
@@ -253,6 +277,12 @@ class MetricMonitor(MonitorCallback):
         self._ring_count = 0
         self._ring_checked = 0  # `_ring_count` at the previous check
         self._scores_at: Optional[Tuple[int, Dict[str, Optional[torch.Tensor]]]] = None
+        # loss_regress: the first step's loss and the lowest 50-step median of this learning-rate phase (device
+        # scalars, or host floats just after a resume), and the rates of the last check (a rise starts a phase)
+        self._initial_loss: Optional[Union[torch.Tensor, float]] = None
+        self._best_level: Optional[Union[torch.Tensor, float]] = None
+        self._phase_lrs: Optional[List[float]] = None
+        self._phase_start = 0  # `_ring_count` when this phase began: its windows start after it
         self._grad_every_step = self.grad_norm_metric in every_metrics
         self._grad_sampled = self.grad_norm_metric in step_metrics
         self._recovering = any(r.action in ("skip_step", "rollback") for r in self.rules.rules)
@@ -304,6 +334,7 @@ class MetricMonitor(MonitorCallback):
             self._last_obj.clear()
             self._loss_acc = self._step_loss = self._step_grad = None
             self._loss_ring, self._ring_count, self._ring_checked, self._scores_at = None, 0, 0, None
+            self._phase_start = 0
 
     # -------------------------------------------------------------------------------- hot path
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -346,9 +377,11 @@ class MetricMonitor(MonitorCallback):
             # the steps since the last check, at most _RECENT_MAX of them: memory stays bounded for any interval
             recent = min(max(self.interval, _SHIFT_RECENT_MIN), _RECENT_MAX)
             self._loss_ring = torch.zeros(_STEP_SPIKE_WINDOW + recent, device=loss.device)
-            self._ring_count = self._ring_checked = 0
+            self._ring_count = self._ring_checked = self._phase_start = 0
             self._scores_at = None
         self._loss_ring[self._ring_count % self._loss_ring.numel()] = loss.reshape(())
+        if self._initial_loss is None:  # kept across rollbacks: the scale of the run, not of its restart
+            self._initial_loss = loss.detach().reshape(()).clone()
         self._ring_count += 1
 
     def _ring_scores(self) -> Dict[str, Optional[torch.Tensor]]:
@@ -362,11 +395,12 @@ class MetricMonitor(MonitorCallback):
             return self._scores_at[1]
         new = count - self._ring_checked
         self._ring_checked = count
-        scores: Dict[str, Optional[torch.Tensor]] = {"step_z": None, "shift_z": None}
+        scores: Dict[str, Optional[torch.Tensor]] = {"step_z": None, "shift_z": None, "regress": None}
         ring = self._loss_ring
         if ring is not None and new > 0:
             scores["step_z"] = self._step_spike_score(ring, count, new)
             scores["shift_z"] = self._shift_score(ring, count, new)
+            scores["regress"] = self._regress_score(ring, count)
         self._scores_at = (count, scores)
         return scores
 
@@ -409,6 +443,26 @@ class MetricMonitor(MonitorCallback):
         level, _ = self._robust_center(recent)
         z = (level - median) / (_MAD_TO_SIGMA * mad + 0.01 * median.abs() + 1e-12)
         return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def _regress_score(self, ring: torch.Tensor, count: int) -> Optional[torch.Tensor]:
+        """Median loss of the last 50 steps over the lowest such median of this phase; updates that lowest one."""
+        if count < _REGRESS_WINDOW or ring.numel() < _REGRESS_WINDOW or self._initial_loss is None:
+            return None
+        if count - self._phase_start < _REGRESS_WINDOW:  # the window still holds steps of the previous phase
+            return torch.zeros((), device=ring.device)
+        level, _ = self._robust_center(self._chronological(ring, count, _REGRESS_WINDOW))
+        initial = torch.as_tensor(self._initial_loss, dtype=level.dtype, device=level.device)
+        best = self._best_level
+        if best is None:
+            score = torch.zeros_like(level)
+            self._best_level = level
+        else:
+            best = torch.as_tensor(best, dtype=level.dtype, device=level.device)
+            ratio = level / best
+            meaningful = (level >= _REGRESS_FLOOR * initial.abs()) & (best > 0) & torch.isfinite(ratio)
+            score = torch.where(meaningful, ratio, torch.zeros_like(ratio))
+            self._best_level = torch.fmin(best, level)  # fmin: a NaN median never becomes the best
+        return score
 
     def _grad_norm(self, pl_module: "pl.LightningModule") -> Optional[torch.Tensor]:
         grads = [local_tensor(p.grad.detach()) for p in pl_module.parameters() if p.grad is not None]
@@ -456,6 +510,12 @@ class MetricMonitor(MonitorCallback):
     def _check(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", point: str) -> None:
         rules = self._due[point]
         step = logging_step(trainer)
+        if point == "step" and self.step_spike_check:
+            lrs = learning_rates(trainer)
+            if self._phase_lrs is not None and lr_rising(self._phase_lrs, lrs):
+                # a warmup or a restart: the loss may rise with the rate, by design; a new phase begins
+                self._best_level, self._phase_start = None, self._ring_count
+            self._phase_lrs = lrs
         snapshot = (point == "step" and self.recovery.ring.size > 0 and (step + 1) % self._snapshot_interval == 0
                     and not self.recovery.pending)
         negative = point == "step" and self.negative_loss_check
@@ -574,6 +634,8 @@ class MetricMonitor(MonitorCallback):
             return self._ring_scores()["step_z"]  # computed once per check from the steps since the last one
         if name == self.shift_z_metric:
             return self._ring_scores()["shift_z"]
+        if name == self.regress_metric:
+            return self._ring_scores()["regress"]
         if name == self.first_loss_metric:
             return self._first_loss
         return metrics.get(name)
@@ -699,6 +761,7 @@ class MetricMonitor(MonitorCallback):
         self._loss_acc = self._step_loss = self._step_grad = None
         # the history before is not this run's
         self._loss_ring, self._ring_count, self._ring_checked, self._scores_at = None, 0, 0, None
+        self._phase_start = 0
 
     # ------------------------------------------------------------------------------- missing
     def _warn_missing(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -736,6 +799,9 @@ class MetricMonitor(MonitorCallback):
             "recent_losses": [list(x) for x in self._recent_losses],
             "recent_lrs": [list(x) for x in self._recent_lrs],
             "learning_checked": self._learning_checked,
+            "initial_loss": _plain(self._initial_loss),
+            "best_level": _plain(self._best_level),
+            "phase_lrs": self._phase_lrs,
         })
         return state
 
@@ -756,6 +822,18 @@ class MetricMonitor(MonitorCallback):
         self._recent_losses = [(int(a), float(b)) for a, b in state_dict.get("recent_losses", [])]
         self._recent_lrs = [[float(v) for v in x] for x in state_dict.get("recent_lrs", [])]
         self._learning_checked = bool(state_dict.get("learning_checked", False))
+        self._initial_loss = state_dict.get("initial_loss")
+        self._best_level = state_dict.get("best_level")
+        lrs = state_dict.get("phase_lrs")
+        self._phase_lrs = None if lrs is None else [float(v) for v in lrs]
+
+
+def _plain(value: Optional[Union[torch.Tensor, float]]) -> Optional[float]:
+    """A device scalar as a host float for a checkpoint (read at save time only); NaN as None."""
+    if value is None:
+        return None
+    out = float(value)
+    return out if math.isfinite(out) else None
 
 
 def _fitting(trainer: Any) -> bool:
