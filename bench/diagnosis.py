@@ -491,19 +491,14 @@ def dose_table(records: List[Dict[str, Any]], faults: Sequence[Any]) -> Tuple[Li
                 harmful_doses.append(dose)
             group_rows.append([fault.name, _fmt(dose), harm, {True: "yes", False: "no", None: "?"}[harmful],
                                *_lightwatch_summary(det)])
-        # "mildest": the lowest value, except where a lower value is the worse fault (a share of samples kept)
-        pick = max if _worse_when_lower(fault) else min
+        # "mildest": the lowest value, except where a lower value is the worse fault (Fault.worse_when_lower)
+        pick = max if fault.worse_when_lower else min
         group_rows[0] += [_fmt(pick(caught)) if caught else "none", _fmt(pick(harmful_doses)) if harmful_doses
                           else "none"]
         for row in group_rows[1:]:
             row += ["", ""]
         rows += group_rows
     return headers, rows
-
-
-def _worse_when_lower(fault: Any) -> bool:
-    """Whether a lower severity value is a worse fault (a share of samples kept, for class imbalance)."""
-    return "kept" in fault.severity_doc
 
 
 def false_alarm_table(records: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:

@@ -304,6 +304,8 @@ class Fault:
             ``(severity, datamodule, recipe) -> step`` for faults whose onset depends on the data order.
         diagnoses: lower-case fragments of the alert rules that name this fault's cause (matched against
             ``"<source>:<rule>"``); an alert of another rule detects the fault without diagnosing it.
+        worse_when_lower: a lower severity is the worse fault (a scale shrunk towards 0, a share of samples
+            kept); dose-response tables read "mildest" the other way round for it.
 
     Example:
         >>> from bench.faults import get_fault
@@ -324,6 +326,7 @@ class Fault:
     harm_metric: str = "test_acc"
     onset: Any = 0
     diagnoses: Tuple[str, ...] = ()
+    worse_when_lower: bool = False
 
     def names_cause(self, source: str, rule: str) -> bool:
         """Whether an alert of ``rule`` (raised by ``source``) names this fault's cause."""
@@ -430,7 +433,7 @@ FAULTS: Dict[str, Fault] = {f.name: dataclasses.replace(f, diagnoses=_DIAGNOSES[
     Fault("zero_init", "structure", "every parameter multiplied by the severity after init (0: all zeros)",
           "hidden units stay identical/zero; only the output bias learns: chance accuracy",
           Location(), 0.0, "scale of the initial parameters",
-          lambda r, s: r.replace(init_scale=s)),
+          lambda r, s: r.replace(init_scale=s), worse_when_lower=True),
     Fault("huge_init", "structure", "every parameter multiplied by the severity after init",
           "initial loss far above ln(10), huge gradients; training unstable or diverges",
           Location(), 30.0, "scale of the initial parameters",
@@ -500,7 +503,7 @@ FAULTS: Dict[str, Fault] = {f.name: dataclasses.replace(f, diagnoses=_DIAGNOSES[
     Fault("class_imbalance", "data", "classes 5-9 keep only a fraction (severity) of their train samples",
           "rare classes are rarely predicted: lower test accuracy on a balanced test split",
           Location(split="train", features=("y",)), 0.05, "share of minority-class samples kept",
-          lambda r, s: r.replace_data(minority_keep=s)),
+          lambda r, s: r.replace_data(minority_keep=s), worse_when_lower=True),
     Fault("covariate_shift", "data", "the 16 centre pixels of the val split shifted by severity standard "
           "deviations", "val accuracy drops below the clean test accuracy: val no longer measures the model",
           Location(split="val", features=tuple(str(i) for i in CENTRE_FEATURES)), 2.0,
