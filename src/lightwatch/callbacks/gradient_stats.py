@@ -62,9 +62,9 @@ class GradientStatsMonitor(MonitorCallback):
     (info), and ``frozen_at_init`` (warning) for frozen tensors of at least 1,024 values that still read as a
     fresh uniform random initialisation (a statistical test, :mod:`lightwatch.core.init_signature`;
     pretrained layers are not uniform, so fine-tuning stays quiet); in the first three steps, ``grad_stale``
-    when gradients are non-zero before backward at the start of an accumulation window (a forgotten ``zero_grad``; error); at the first sampled step (step 0, the
-    model as initialised, with ``check_first_step``), ``grad_missing`` (info) for trainable parameters
-    without a gradient; at the first sampled step after step 0, ``update_ratio_high`` when a weight moves
+    when gradients are non-zero before backward at the start of an accumulation window (a forgotten
+    ``zero_grad``; error); at the first sampled step (step 0, the model as initialised, with
+    ``check_first_step``), ``grad_missing`` (info) for trainable parameters without a gradient; at the first sampled step after step 0, ``update_ratio_high`` when a weight moves
     more than 10% in one step ([0.013, 0.058]; warning), ``update_ratio_low`` below 0.3% (info: fine-tuning
     legitimately moves weights slowly; warning below 0.01%, where nothing learns); and at any sampled step,
     step 0 included, ``grad_vanishing`` when the first weight layer's gradient norm is below 1e-3 of the
@@ -443,21 +443,21 @@ class GradientStatsMonitor(MonitorCallback):
         if self._sharded:  # each rank judged its own shards: a tensor is named when no rank objects
             agree_max(votes.view(-1))
         objection, support = votes.tolist()
-        fresh = [i for i, (o, v) in enumerate(zip(objection, support)) if v > 0 and o == 0]
-        if fresh:  # a frozen copy of a trainable tensor is a target or momentum network, fresh by design
+        candidates = [i for i, (o, v) in enumerate(zip(objection, support)) if v > 0 and o == 0]
+        if candidates:  # a frozen copy of a trainable tensor is a target or momentum network, fresh by design
             trainable = [local_tensor(p) for p in pl_module.parameters() if p.requires_grad]
             if not self._sharded:  # only tensors of the same size can be copies (shards may differ in size)
-                sizes = {tensors[i].numel() for i in fresh}
+                sizes = {tensors[i].numel() for i in candidates}
                 trainable = [t for t in trainable if not is_lazy(t) and t.numel() in sizes]
-            rows = fingerprints([tensors[i] for i in fresh] + trainable, device)
-            if self._sharded:
+            rows = fingerprints([tensors[i] for i in candidates] + trainable, device)
+            if self._sharded:  # fingerprints of shards add up to the whole tensor's
                 all_reduce_flat(rows.view(-1))
-            rows_host = rows.tolist()
-            copied = copies(rows_host[:len(fresh)], rows_host[len(fresh):])
-            fresh = [i for i, c in zip(fresh, copied) if not c]
-        if not fresh:
+            read = rows.tolist()
+            copied = copies(read[:len(candidates)], read[len(candidates):])
+            candidates = [i for i, c in zip(candidates, copied) if not c]
+        if not candidates:
             return
-        fresh = [frozen[i][0] for i in fresh]
+        fresh = [frozen[i][0] for i in candidates]
         listed = ", ".join(fresh[:5]) + (" ..." if len(fresh) > 5 else "")
         self.raise_alert(
             trainer, pl_module, rule="frozen_at_init", severity="warning", subject=fresh[0], value=float(len(fresh)),
