@@ -441,16 +441,19 @@ def test_a_lasting_loss_jump_is_a_loss_shift_and_one_hard_batch_is_not(tmp_path:
 class ScriptedLoss(pl.LightningModule):
     """Training loss ``levels(step)`` exactly (a zero-weighted parameter term keeps it differentiable)."""
 
-    def __init__(self, levels: Any, restart_at: Optional[int] = None) -> None:
+    def __init__(self, levels: Any, restart_at: Optional[int] = None, unfreeze_at: Optional[int] = None) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.levels, self.restart_at = levels, restart_at
+        self.backbone = torch.nn.Parameter(torch.zeros(1))  # joins the optimizer at `unfreeze_at`, if given
+        self.levels, self.restart_at, self.unfreeze_at = levels, restart_at, unfreeze_at
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return (self.w * 0).sum() + float(self.levels(self.global_step))
+        if self.global_step == self.unfreeze_at and batch_idx == self.unfreeze_at:
+            self.optimizers().optimizer.add_param_group({"params": [self.backbone], "lr": 0.001})
+        return (self.w * 0 + self.backbone * 0).sum() + float(self.levels(self.global_step))
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        optimizer = torch.optim.SGD([self.w], lr=0.01)
         if self.restart_at is None:
             return optimizer
         restart = self.restart_at  # a warm restart: the rate jumps up 10x and stays there
@@ -480,6 +483,8 @@ def test_a_loss_that_goes_back_up_and_stays_is_a_regression(tmp_path: Any, seed:
 def test_a_rise_with_the_learning_rate_or_at_the_floor_of_the_loss_is_not(tmp_path: Any, seed: int) -> None:
     # a warm restart at step 100 lifts the loss with the rate: a new phase, judged on its own
     assert regressions(tmp_path / "restart", ScriptedLoss(falls_then_rises, restart_at=100)) == []
+    # so does a new param group (layers unfrozen for fine-tuning)
+    assert regressions(tmp_path / "unfreeze", ScriptedLoss(falls_then_rises, unfreeze_at=100)) == []
     # 3x a fitted loss, but under 10% of the first step's: noise at the floor, not a setback
     def tiny(step: int) -> float:
         return 2.0 if step == 0 else (0.004 if step < 100 else 0.012)

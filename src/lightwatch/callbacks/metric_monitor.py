@@ -145,9 +145,9 @@ class MetricMonitor(MonitorCallback):
     median) of the 50 steps before them, from the same device ring.
 
     Built-in value for setbacks, ``monitor.step/loss_regress``, read by the default rule ``loss_regressed``: the
-    median loss of the last 50 steps over the lowest such median since the learning rate last rose (a restart
-    or a warmup starts a new phase), from the same ring; 0 while that median is below 10% of the first step's
-    loss, or before 50 steps.
+    median loss of the last 50 steps over the lowest such median since the learning rate last rose (a restart,
+    a warmup or a new param group starts a new phase), from the same ring; 0 while that median is below 10% of
+    the first step's loss, or before 50 steps.
 
     Built-in check ``loss_not_learning`` (on by default, with the built-in rules): once, at the first step
     check at or after step 50 at which the learning rate is no longer rising (a warmup defers it: a flat loss
@@ -512,8 +512,9 @@ class MetricMonitor(MonitorCallback):
         step = logging_step(trainer)
         if point == "step" and self.step_spike_check:
             lrs = learning_rates(trainer)
-            if self._phase_lrs is not None and lr_rising(self._phase_lrs, lrs):
-                # a warmup or a restart: the loss may rise with the rate, by design; a new phase begins
+            if self._phase_lrs is not None and (len(lrs) != len(self._phase_lrs) or lr_rising(self._phase_lrs, lrs)):
+                # a warmup, a restart or a new param group (layers unfrozen): the loss may rise with it, by
+                # design; a new phase begins
                 self._best_level, self._phase_start = None, self._ring_count
             self._phase_lrs = lrs
         snapshot = (point == "step" and self.recovery.ring.size > 0 and (step + 1) % self._snapshot_interval == 0
