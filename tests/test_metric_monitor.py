@@ -1,6 +1,7 @@
 """``MetricMonitor`` in a real Trainer: when rules read values, what they write, and what it costs."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -499,3 +500,16 @@ def test_a_rise_with_the_learning_rate_or_at_the_floor_of_the_loss_is_not(tmp_pa
     resumed = MetricMonitor(every_n_steps=10)
     resumed.load_state_dict(state)
     assert resumed.state_dict()["best_level"] == pytest.approx(0.5)
+
+
+def test_a_jump_at_the_floor_of_a_fitted_loss_is_no_setback(tmp_path: Any, seed: int) -> None:
+    def jump(low: float) -> Any:  # 2.0 at the first step, `low` until step 100, then 12x `low`; +-20% wiggle
+        return lambda step: 2.0 if step == 0 else (low if step < 100 else 12 * low) * (1 + 0.2 * math.sin(1.7 * step))
+
+    def setbacks(path: Any, low: float) -> List[str]:
+        make_trainer(path, [MetricMonitor(every_n_steps=10)], max_steps=160).fit(ScriptedLoss(jump(low)),
+                                                                                 make_loader(n=2560))
+        return [a["rule"] for a in read_alerts(str(path)) if a["rule"] in ("loss_shift", "loss_regressed")]
+
+    assert setbacks(tmp_path / "floor", 0.01) == []  # 0.01 -> 0.12: under 10% of the first loss
+    assert sorted(set(setbacks(tmp_path / "setback", 0.1))) == ["loss_regressed", "loss_shift"]  # 0.1 -> 1.2

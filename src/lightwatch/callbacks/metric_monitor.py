@@ -51,6 +51,9 @@ _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standar
 # (plus 1% of the median) of the 50 steps before them. A single hard batch does not move a median of ten; a
 # spike that damages the model does, for tens of steps. On the fault suite: 100 healthy runs at most 1.86 over
 # a whole run, a learning rate x30 for two steps 9.6 to 22 at the first check after it; 4 sits between.
+# Scores count only while the recent level is at least _LOSS_FLOOR of the first step's loss: healthy runs of
+# 1,000 steps fit the training set to a loss of ~0.01, where Adam's late blips (0.009 to 0.11, 5% of the first
+# loss) score z up to 31 without costing anything; a real setback lifts the loss back to a sizeable share of it.
 _SHIFT_RECENT_MIN = 10
 _RECENT_MAX = 4096  # with longer intervals the scores look at the last 4,096 steps before a check
 _SHIFT_Z = 4.0
@@ -60,7 +63,7 @@ _SHIFT_Z = 4.0
 # checks both read above 0.94; a learning rate 3x too high (26 points of test accuracy lost) read >= 1.5 at two
 # checks in a row in 4 of 5 seeds, after 150-200 steps, where the loss oscillates back up.
 _REGRESS_WINDOW = 50
-_REGRESS_FLOOR = 0.1
+_LOSS_FLOOR = 0.1  # of the first step's loss: below it, changes are noise at the floor of a fitted loss
 _REGRESS_RATIO = 1.5
 _REGRESS_ADVICE = ("A learning rate too high for this stage of training is the usual cause (the loss oscillates "
                    "back up): lower it or decay it sooner. If the loss is meant to rise (a loss weight annealed up, "
@@ -442,6 +445,9 @@ class MetricMonitor(MonitorCallback):
         median, mad = self._robust_center(base)
         level, _ = self._robust_center(recent)
         z = (level - median) / (_MAD_TO_SIGMA * mad + 0.01 * median.abs() + 1e-12)
+        if self._initial_loss is not None:  # a jump that stays under 10% of the first loss is not a setback
+            initial = torch.as_tensor(self._initial_loss, dtype=level.dtype, device=level.device)
+            z = torch.where(level >= _LOSS_FLOOR * initial.abs(), z, torch.zeros_like(z))
         return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
 
     def _regress_score(self, ring: torch.Tensor, count: int) -> Optional[torch.Tensor]:
@@ -459,7 +465,7 @@ class MetricMonitor(MonitorCallback):
         else:
             best = torch.as_tensor(best, dtype=level.dtype, device=level.device)
             ratio = level / best
-            meaningful = (level >= _REGRESS_FLOOR * initial.abs()) & (best > 0) & torch.isfinite(ratio)
+            meaningful = (level >= _LOSS_FLOOR * initial.abs()) & (best > 0) & torch.isfinite(ratio)
             score = torch.where(meaningful, ratio, torch.zeros_like(ratio))
             self._best_level = torch.fmin(best, level)  # fmin: a NaN median never becomes the best
         return score
