@@ -421,15 +421,12 @@ def detection_table(records: List[Dict[str, Any]], faults: Sequence[Any]) -> Tup
         if lw:
             det = [r["detection"] for r in lw]
             hits = [d for d in det if d["detected"]]
-            rules = collections.Counter(d["rule"] for d in hits)
             checked = [d["location_ok"] for d in hits if d["location_ok"] is not None]
             diagnosed = sum(1 for d in det if d.get("diagnosed"))
             info_only = sum(1 for d in det if d.get("diagnosed_info"))
-            row += [f"{len(hits)}/{len(det)}", f"{sum(1 for d in det if d['detected_any'])}/{len(det)}",
-                    f"{diagnosed}/{len(det)}" + (f" (+{info_only} info)" if info_only else ""),
-                    _fmt(_median([d["delay"] for d in hits])) if hits else "-",
-                    ", ".join(f"{k} ({v})" for k, v in rules.most_common(2)) or "-",
-                    f"{sum(checked)}/{len(checked)}" if checked else ("n/a" if hits else "-")]
+            recall, recall_info, steps, rules = _lightwatch_summary(det)
+            row += [recall, recall_info, f"{diagnosed}/{len(det)}" + (f" (+{info_only} info)" if info_only else ""),
+                    steps, rules, f"{sum(checked)}/{len(checked)}" if checked else ("n/a" if hits else "-")]
         else:
             row += ["-"] * 6
         for mode in ("early_stopping", "spike_detection"):
