@@ -50,6 +50,15 @@ class Fault(pl.Callback):
         if trainer.is_global_zero:
             logger.info("fault planted: %s", text)
 
+    def _linear(self, pl_module: nn.Module, layer: Optional[str]) -> Tuple[str, nn.Linear]:
+        """The ``nn.Linear`` named ``layer`` in ``named_modules()``, or the first one when ``layer`` is None."""
+        linears = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)]
+        for name, module in linears:
+            if layer is None or name == layer:
+                return name, module
+        raise ValueError(f"{type(self).__name__}: no nn.Linear named {layer!r}; Linear layers: "
+                         f"{[n for n, _ in linears]}.")
+
     @staticmethod
     def _at(trainer: "pl.Trainer", step: int) -> bool:
         # The step the next optimizer update will have; with gradient accumulation several batches share it.
@@ -156,18 +165,11 @@ class DeadUnits(Fault):
         where = self.layer or "the first Linear layer"
         return f"{self.fraction:.0%} of the units of {where} killed at step {self.step}"
 
-    def _target(self, pl_module: nn.Module) -> Tuple[str, nn.Linear]:
-        linears = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)]
-        for name, module in linears:
-            if self.layer is None or name == self.layer:
-                return name, module
-        raise ValueError(f"DeadUnits: no nn.Linear named {self.layer!r}; Linear layers: {[n for n, _ in linears]}.")
-
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
         if self.planted or not self._at(trainer, self.step):
             return
-        name, linear = self._target(pl_module)
+        name, linear = self._linear(pl_module, self.layer)
         k = max(1, round(self.fraction * linear.out_features))
         with torch.no_grad():
             linear.weight[:k].zero_()
@@ -194,12 +196,7 @@ class FrozenLayer(Fault):
         return f"{self.layer or 'the first Linear layer'} frozen as initialised"
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        linears = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)]
-        chosen = [(n, m) for n, m in linears if self.layer is None or n == self.layer][:1]
-        if not chosen:
-            raise ValueError(f"FrozenLayer: no nn.Linear named {self.layer!r}; Linear layers: "
-                             f"{[n for n, _ in linears]}.")
-        name, linear = chosen[0]
+        name, linear = self._linear(pl_module, self.layer)
         linear.requires_grad_(False)
         self._record(trainer, f"{name!r} frozen at fit start, as initialised")
 

@@ -266,6 +266,7 @@ class MetricMonitor(MonitorCallback):
         # every step's loss is kept only when a rule reads a per-step score (the default loss_shift does)
         self.step_spike_check = any(m in r.metrics for r in self.rules.rules
                                     for m in (self.step_z_metric, self.shift_z_metric, self.regress_metric))
+        self._regress_check = any(self.regress_metric in r.metrics for r in self.rules.rules)
         self._negative_since: Optional[int] = None  # first check that saw a negative loss
         # loss_not_learning: the first step's loss (device, read with the first check), the reduced reference,
         # the loss at the latest checks, and whether the one check is done
@@ -516,7 +517,7 @@ class MetricMonitor(MonitorCallback):
     def _check(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", point: str) -> None:
         rules = self._due[point]
         step = logging_step(trainer)
-        if point == "step" and self.step_spike_check:
+        if point == "step" and self._regress_check:
             lrs = learning_rates(trainer)
             if self._phase_lrs is not None and (len(lrs) != len(self._phase_lrs) or lr_rising(self._phase_lrs, lrs)):
                 # a warmup, a restart or a new param group (layers unfrozen): the loss may rise with it, by

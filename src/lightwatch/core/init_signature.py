@@ -27,7 +27,7 @@ at most 6 (after 100 steps: >= 14 and <= 2).
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 import torch
 from torch.nn.parameter import is_lazy
@@ -81,10 +81,15 @@ def uniform_init_evidence(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack([ks, edge, mean_z, torch.tensor(float(k), device=sample.device)])
 
 
+def _passes(ks: Any, edge: Any, mean_z: Any) -> Any:
+    """The three thresholds, on host floats or device scalars alike."""
+    return (ks <= KS_SCALED_MAX) & (edge >= EDGE_MIN) & (mean_z <= MEAN_Z_MAX)
+
+
 def reads_as_uniform_init(evidence: Sequence[float]) -> bool:
     """Whether one row of :func:`uniform_init_evidence`, read to the host, says "fresh uniform initialisation"."""
     ks, edge, mean_z, k = (float(v) for v in evidence[:4])
-    return k >= MIN_ELEMENTS and ks <= KS_SCALED_MAX and edge >= EDGE_MIN and mean_z <= MEAN_Z_MAX
+    return bool(k >= MIN_ELEMENTS and _passes(ks, edge, mean_z))
 
 
 def uniform_init_votes(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -100,7 +105,7 @@ def uniform_init_votes(tensors: Sequence[torch.Tensor], device: torch.device) ->
         if is_lazy(t) or not t.is_floating_point() or t.device.type == "meta" or t.numel() < MIN_ELEMENTS:
             continue
         ks, edge, mean_z, _ = uniform_init_evidence(t).to(device)
-        fresh = (ks <= KS_SCALED_MAX) & (edge >= EDGE_MIN) & (mean_z <= MEAN_Z_MAX)
+        fresh = _passes(ks, edge, mean_z)
         votes[0, i] = (~fresh).float()
         votes[1, i] = fresh.float()
     return votes

@@ -102,13 +102,12 @@ class Firing:
     rule: "Rule"
     finding: Finding
     step: int
-    since: Optional[int] = None  # first check of the streak that made it fire
 
     @property
     def message(self) -> str:
         text = self.finding.detail
-        if self.rule.consecutive > 1 and self.since is not None:
-            text = f"{text} (held at {self.rule.streak} checks in a row, since step {self.since})"
+        if self.rule.consecutive > 1 and self.rule.since is not None:
+            text = f"{text} (held at {self.rule.streak} checks in a row, since step {self.rule.since})"
         if self.rule.message:
             text = f"{text} {self.rule.message}"
         return text
@@ -342,7 +341,7 @@ class Rule:
     # --------------------------------------------------------------------------------- common
     def _init_state(self) -> None:
         self.streak = 0
-        self.since: Optional[int] = None
+        self.since: Optional[int] = None  # the step of the first check of the current streak
         self.active = False
         self.last_fired: Optional[int] = None
         self.fired = 0
@@ -893,7 +892,7 @@ class RuleSet:
             gate = all(self.by_name[r].active for r in rule.requires)
             finding, fire = rule.check(current, ref, step, epoch, gate)
             if fire and finding is not None:
-                firings.append(Firing(rule, finding, step, rule.since))
+                firings.append(Firing(rule, finding, step))
         return firings
 
     def forget_after(self, step: int) -> None:
