@@ -230,3 +230,74 @@ def test_activations_at_a_healthy_initialisation_do_not_grow(tmp_path: Any, seed
             if isinstance(layer, torch.nn.Linear):
                 torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")  # He init: RMS stays level
     assert "act_exploding" not in rules(alerts_of(tmp_path, model, max_steps=5), severity="info")
+
+
+def test_a_fresh_small_head_that_moves_fast_is_info_not_a_learning_rate_fault(tmp_path: Any, seed: int) -> None:
+    # a new head of small norm (a replaced classifier, say) moves a large share of its norm in its first
+    # steps by design; the learning rate is judged by how far all layers together move
+    model = Classifier(hidden=64, depth=3, lr=0.05)
+    with torch.no_grad():
+        model.net[-1].weight.mul_(0.01)
+    alerts = alerts_of(tmp_path, model, max_steps=10)
+    (alert,) = [a for a in alerts if a["rule"] == "update_ratio_high"]
+    assert (alert["severity"], alert["subject"]) == ("info", "net.6.weight") and alert["value"] > 0.1
+    assert rules(alerts) == []
+
+
+def test_one_early_tensor_with_small_gradients_beside_healthy_ones_is_not_vanishing(tmp_path: Any, seed: int) -> None:
+    # eight weight layers: the first quarter is net.0 and net.2; net.0 alone gets tiny gradients (as attention
+    # queries and keys do at initialisation), net.2 beside it gets healthy ones
+    model = Classifier(depth=7)
+    model.net[0].weight.register_hook(lambda g: g * 1e-6)
+    assert "grad_vanishing" not in rules(alerts_of(tmp_path, model, max_steps=10))
+
+
+class TinyGAN(pl.LightningModule):
+    """A GAN with manual optimisation: the discriminator's parameters get no gradient in the generator's step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        self.discriminator = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LeakyReLU(0.2),
+                                                 torch.nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, _ = batch
+        opt_g, opt_d = self.optimizers()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        noise = torch.randn(real.shape[0], 4, device=real.device)
+        # generator step: only the generator's optimizer holds parameters with gradients
+        fake = self.generator(noise)
+        self.toggle_optimizer(opt_g)
+        loss_g = bce(self.discriminator(fake), torch.ones(real.shape[0], 1, device=real.device))
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+        # discriminator step
+        self.toggle_optimizer(opt_d)
+        logits = self.discriminator(torch.cat([real, fake.detach()]))
+        target = torch.cat([torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)]).to(real.device)
+        loss_d = bce(logits, target)
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+        self.log_dict({"train/loss_g": loss_g, "train/loss_d": loss_d})
+
+    def configure_optimizers(self) -> List[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.generator.parameters(), lr=2e-4, betas=(0.5, 0.999)),
+                torch.optim.Adam(self.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))]
+
+
+def test_a_gan_with_manual_optimisation_has_no_missing_gradients_and_no_learning_verdict(tmp_path: Any,
+                                                                                        seed: int) -> None:
+    from lightwatch import MetricMonitor
+
+    monitors = [GradientStatsMonitor(every_n_steps=5), MetricMonitor(every_n_steps=5)]
+    trainer = make_trainer(tmp_path, monitors, max_steps=300)
+    trainer.fit(TinyGAN(), make_loader(n=256, seed=1))
+    alerts = read_alerts(str(tmp_path))
+    assert "grad_missing" not in rules(alerts, severity="info")
+    assert rules(alerts) == []

@@ -182,7 +182,9 @@ class MetricMonitor(MonitorCallback):
     85% is named at once after an earlier finding that explains it (``frozen_at_init``, ``frozen_parameters``,
     ``grad_missing``, ``update_ratio_low``, ``output_probabilities``, ``data_labels_unrelated``), since two
     independent signals then agree. Every step's loss is summed on the device into one block per check while
-    the check is open (no host read of its own). Switch it off with ``rules={"loss_not_learning": None}``.
+    the check is open (no host read of its own). Not checked under manual optimisation with several optimizers
+    (GANs, actor-critic): their losses are adversaries or separate objectives. Switch it off with
+    ``rules={"loss_not_learning": None}``.
 
     When rules are checked (``check_on``): ``step`` every ``every_n_steps`` optimizer steps (on
     ``on_train_batch_end``, at the step ``self.log`` curves use), ``validation`` at validation end, ``epoch`` at
@@ -671,6 +673,11 @@ class MetricMonitor(MonitorCallback):
         (``info``). The blocks are reduced over ranks, so every rank decides alike.
         """
         step = logging_step(trainer)
+        if not getattr(pl_module, "automatic_optimization", True) and len(getattr(trainer, "optimizers", ())) > 1:
+            # several optimizers stepped by hand (a GAN, an actor-critic): the summed losses are adversaries or
+            # separate objectives, not one quantity that training must drive down
+            self._learning_checked = True
+            return
         if step < self._next_evaluation or self._warming_up():
             return  # too early, or the learning rate is still warming up: judged at a later check
         evidence = self._learning_evidence(step)
