@@ -301,3 +301,52 @@ def test_a_gan_with_manual_optimisation_has_no_missing_gradients_and_no_learning
     alerts = read_alerts(str(tmp_path))
     assert "grad_missing" not in rules(alerts, severity="info")
     assert rules(alerts) == []
+
+
+def test_a_layer_left_out_of_the_optimizer_is_named_at_the_first_step(tmp_path: Any, seed: int) -> None:
+    class HeadLeftOut(Classifier):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.net[:-1].parameters(), lr=self.lr)  # the bug: the head is not in it
+
+    alerts = alerts_of(tmp_path, HeadLeftOut(), max_steps=5)
+    (alert,) = [a for a in alerts if a["rule"] == "param_not_in_optimizer"]
+    assert (alert["severity"], alert["subject"], alert["step"], alert["value"]) == ("warning", "net.4.weight", 0, 2.0)
+
+
+class ConvNet(pl.LightningModule):
+    """A small CNN with BatchNorm on 4x4 'images'; ``eval_bn`` puts its BatchNorm in eval mode every step."""
+
+    def __init__(self, eval_bn: bool = False) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                            torch.nn.ReLU(), torch.nn.Flatten())
+        self.head = torch.nn.Linear(8 * 16, 3)
+        self.eval_bn = eval_bn
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.eval_bn:
+            self.features[1].eval()
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.head(self.features(x[:, :16].reshape(-1, 1, 4, 4))), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def batchnorm_alerts(tmp_path: Any, model: pl.LightningModule) -> List[dict]:
+    trainer = make_trainer(tmp_path, [GradientStatsMonitor(every_n_steps=5)], max_steps=10)
+    trainer.fit(model, make_loader(n=256, in_features=16, seed=1))
+    return [a for a in read_alerts(str(tmp_path)) if a["rule"] == "batchnorm_eval"]
+
+
+def test_batchnorm_in_eval_mode_during_training_is_named(tmp_path: Any, seed: int) -> None:
+    assert batchnorm_alerts(tmp_path / "train", ConvNet()) == []
+    (alert,) = batchnorm_alerts(tmp_path / "fresh", ConvNet(eval_bn=True))
+    assert (alert["severity"], alert["subject"], alert["step"]) == ("warning", "features.1", 0)
+    # statistics collected before (a pretrained backbone fine-tuned with frozen normalisation): info
+    model = ConvNet(eval_bn=True)
+    with torch.no_grad():
+        model.features[1].running_mean.uniform_(-0.5, 0.5)
+        model.features[1].running_var.uniform_(0.5, 2.0)
+    (alert,) = batchnorm_alerts(tmp_path / "pretrained", model)
+    assert alert["severity"] == "info"

@@ -344,6 +344,7 @@ class DataCheckConf:
     ratio: Optional[float] = None
     max_abs_mean: Optional[float] = None
     min_rms: Optional[float] = None
+    offset_ratio: Optional[float] = None
     psi_warn: Optional[float] = None
     ks_warn: Optional[float] = None
     warn_above: Optional[float] = None

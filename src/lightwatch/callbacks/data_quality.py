@@ -87,9 +87,15 @@ CHECKS: Dict[str, Dict[str, Any]] = {
     "empty_batch": {"tier": "batch", "action": "warn", "severity": "warning"},
     # once, on the first training batch: inputs far from zero mean and unit scale (raw pixels, raw units);
     # standardised digits: |mean| <= 0.05, RMS <= 1.2; raw 0..16 pixels: |mean| 4.7, RMS 7.6; images in
-    # [0, 1] (|mean| 0.5, RMS 0.58) train well and stay below `min_rms`
+    # [0, 1] (|mean| 0.5, RMS 0.58) train well and stay below `min_rms`. The severity follows the measured harm,
+    # which depends on the optimizer: plain gradient steps (SGD) scale with the inputs' second moment (digits
+    # MLP, SGD: raw pixels x 0.3, RMS 2.3, cost 2 to 8 points of test accuracy; N(3, 2^2)-like, RMS 3.5, 10
+    # points; x 1, RMS 7.8, 74 points) -> the check's severity; adaptive optimizers (Adam, RMSprop, Adagrad...)
+    # normalise the step per weight, and only an offset that dominates the spread hurts (Adam: raw pixels at
+    # any scale, |mean| / std 0.8, cost nothing; N(3, 2^2), 1.65, 1.6 points; |mean| / std 2.2, 4.4 points;
+    # 3.3, 8 points) -> the check's severity when |mean| > `offset_ratio` x std, else `info`
     "unnormalised": {"tier": "first_batch", "action": "warn", "severity": "warning", "max_abs_mean": 0.5,
-                     "min_rms": 2.0},
+                     "min_rms": 2.0, "offset_ratio": 2.0},
     # distribution tier
     # drift: `info` when significant, the check's severity only when a feature has both PSI > psi_warn and
     # KS > ks_warn (healthy val vs train of small splits reaches PSI 0.14 and KS 0.13; duplicated or
@@ -104,8 +110,11 @@ CHECKS: Dict[str, Dict[str, Any]] = {
     # duplicates: `info` above `threshold`, the check's severity above `warn_above`
     "duplicates": {"tier": "epoch", "action": "warn", "severity": "warning", "threshold": 0.01, "warn_above": 0.5},
     "leakage": {"tier": "epoch", "action": "warn", "severity": "warning", "threshold": 0.0},
-    # the rarest class below `ratio` of a uniform share (healthy digits: >= 0.87; harmful imbalance: 0.06)
-    "class_imbalance": {"tier": "epoch", "action": "warn", "severity": "warning", "ratio": 0.2},
+    # the rarest class below `ratio` of a uniform share (healthy digits: >= 0.87; harmful imbalance: 0.06), and
+    # rarer than a balanced sample of that size would make it (chance < `alpha` over the C classes). Judged only
+    # for classification targets, one label per sample: per-token or per-pixel labels are Zipfian or
+    # background-heavy by nature, and their positions are no independent samples
+    "class_imbalance": {"tier": "epoch", "action": "warn", "severity": "warning", "ratio": 0.2, "alpha": 1e-3},
     # scan before training only: labels no nearer to their inputs' nearest neighbours' labels than chance
     # (leave-one-out 1-NN agreement, z against chance below `min_z` over at least `min_rows` rows). Healthy
     # digits z ~100, shuffled labels |z| < 3, 70% label noise z ~11. `info`: inputs whose raw distances mean
@@ -116,7 +125,7 @@ CHECKS: Dict[str, Dict[str, Any]] = {
 _PARAM_BOUNDS = {"alpha": (0.0, 1.0, False), "psi_floor": (0.0, math.inf, True), "ks_floor": (0.0, 1.0, True),
                  "floor": (0.0, 1.0, True), "threshold": (0.0, 1.0, True), "margin": (0.0, math.inf, True),
                  "tolerance": (0.0, 1.0, True), "ratio": (0.0, 1.0, False), "max_abs_mean": (0.0, math.inf, False),
-                 "min_rms": (0.0, math.inf, True),
+                 "min_rms": (0.0, math.inf, True), "offset_ratio": (0.0, math.inf, True),
                  "psi_warn": (0.0, math.inf, True), "ks_warn": (0.0, 1.0, True), "warn_above": (0.0, 1.0, True),
                  "min_z": (0.0, math.inf, True), "min_rows": (10.0, 1e6, True)}
 
@@ -214,6 +223,9 @@ class _Spec:
     sum_dims: Optional[Tuple[int, ...]]
     names: Optional[List[str]] = None
     zeros: Optional[torch.Tensor] = None
+    # one more counter slot (floating fields with a feature dimension): non-finite values of batches whose
+    # feature dimension has another size than the field's layout (a dimension learned to be variable)
+    loose_slot: bool = False
 
     @property
     def name(self) -> str:
@@ -269,6 +281,9 @@ class _Pending:
     marker: int
     rows: int
     ids: Optional[torch.Tensor]
+    # fields of this batch whose feature dimension is variable and has another size than the field's layout:
+    # checked for non-finite values as a whole, left out of the per-feature statistics
+    loose: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class _Buffer:
@@ -362,6 +377,16 @@ class _Split:
         self.batches_in_epoch = 0
 
 
+_SEQUENCE_INT_DTYPES = (torch.int16, torch.int32, torch.int64)
+
+
+def _token_like(t: torch.Tensor) -> bool:
+    """Integer ids with a sequence dimension (``[N, T]`` token ids, attention masks, per-token labels): int16/32/64
+    tensors of two or more dimensions. Their last dimension is a sequence (padded to each batch's longest one by
+    a dynamic-padding collate), not a set of features. ``uint8`` (raw images) and ``bool`` are not ids."""
+    return t.dtype in _SEQUENCE_INT_DTYPES and t.dim() >= 2
+
+
 def _default_feature_dim(ndim: int) -> Optional[int]:
     # [N] one feature; [N, F] and [N, T, F] features last; [N, C, H, W] (and 3-d volumes) channels first.
     if ndim <= 1:
@@ -409,6 +434,20 @@ def _trimmed(tally: LabelCounts, classes: Optional[int]) -> LabelCounts:
     return LabelCounts.from_state_dict(state)
 
 
+def _rarest_class_chance(count: int, total: float, classes: int) -> float:
+    """Chance that a balanced sample of ``total`` labels over ``classes`` classes has a class with at most ``count``
+    labels: ``C * P(Poisson(total / C) <= count)`` (a union bound, capped at 1). With many classes and few labels
+    per class a rare class is expected (1,000 classes, 5 labels each: some class has none about 99% of the
+    time); a class made rare on purpose or by a bug is far below that."""
+    lam = total / classes
+    if lam <= 0:
+        return 1.0
+    log_terms = [-lam + i * math.log(lam) - math.lgamma(i + 1) for i in range(count + 1)]
+    top = max(log_terms)
+    cdf = math.exp(top) * sum(math.exp(t - top) for t in log_terms)
+    return min(1.0, classes * cdf)
+
+
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -417,7 +456,7 @@ def _fmt(v: float) -> str:
 # State of the monitor that the scan before training works on: it runs on fresh or copied values of all of
 # these, and the streaming values are put back afterwards, so training-time checks see exactly what they
 # would see without the scan.
-_SCAN_ISOLATED = ("_splits", "_edges", "_schemas", "_classes", "_class_source", "_label_max", "_ranges",
+_SCAN_ISOLATED = ("_splits", "_edges", "_schemas", "_layout", "_classes", "_class_source", "_label_max", "_ranges",
                   "_restored_ranges", "_learned", "_profile", "_train_hashes_last", "_reported", "_published_step",
                   "_skip_step", "_scale_probe", "_scale_checked", "_immediate_flag", "sampled")
 # Actions that act on an optimizer step: before training there is none to skip or roll back.
@@ -527,6 +566,40 @@ def _ordered(loader: Any) -> bool:
         return True
     # DistributedSampler (and look-alikes) with shuffle=False: each rank reads a fixed stride of the dataset
     return hasattr(sampler, "num_replicas") and getattr(sampler, "shuffle", True) is False
+
+
+# Optimizers that scale each parameter's step by a running estimate of its gradient's size (or use its sign):
+# the scale of the inputs then changes the first layer's updates far less than with plain gradient steps.
+_ADAPTIVE_OPTIMIZERS = ("adam", "adamw", "adamax", "nadam", "radam", "sparseadam", "rmsprop", "adagrad",
+                        "adadelta", "adafactor", "lion", "lamb", "sophia", "adan", "shampoo", "soap", "prodigy")
+
+
+def _optimizer_list(trainer: Any) -> List[Any]:
+    try:
+        return list(getattr(trainer, "optimizers", None) or [])
+    except Exception:  # a strategy that is not set up yet
+        return []
+
+
+def _optimizer_names(trainer: Any) -> str:
+    return ", ".join(sorted({type(getattr(o, "optimizer", o)).__name__ for o in _optimizer_list(trainer)}))
+
+
+def _adaptive_optimizer(trainer: Any) -> Optional[str]:
+    """The name of the run's optimizer when every optimizer is adaptive (Adam, RMSprop, Adagrad, ... by class name,
+    so fused and 8-bit variants count too), else ``None`` (SGD, an unknown optimizer, or none configured)."""
+    optimizers = _optimizer_list(trainer)
+    if not optimizers:
+        return None
+    names = []
+    for opt in optimizers:
+        cls = type(getattr(opt, "optimizer", opt))  # Lightning may wrap it
+        stems = [c.__name__.lower() for c in cls.__mro__]
+        if not any(stem.replace("fused", "").replace("8bit", "").replace("paged", "").replace("_", "")
+                   .startswith(_ADAPTIVE_OPTIMIZERS) for stem in stems):
+            return None
+        names.append(cls.__name__)
+    return ", ".join(sorted(set(names)))
 
 
 def _finite_int(value: Any) -> Optional[int]:
@@ -713,6 +786,8 @@ class DataQualityMonitor(MonitorCallback):
         self._splits: Dict[str, _Split] = {}
         self._edges: Dict[str, torch.Tensor] = {}
         self._schemas: Dict[str, _Schema] = {}
+        # number of features of each field with a feature dimension, from its first batch: every split uses it
+        self._layout: Dict[str, int] = {}
         self._classes: Dict[str, int] = {}
         self._class_source: Dict[str, str] = {}
         self._label_max: Dict[str, float] = {}
@@ -738,6 +813,10 @@ class DataQualityMonitor(MonitorCallback):
         self._scan: Optional[_Scan] = None
         self._scan_alerts: Dict[str, str] = {}
         self._scan_done = False
+        # the batch the model gets next: (split, marker, batch, sanity check); a reference, no copy, read only
+        # when training fails (`on_exception`) to name a label that crashed the loss
+        self._last_batch: Optional[Tuple[str, int, Any, bool]] = None
+        self._explained: set = set()
 
     @staticmethod
     def _parse_schema(schema: Optional[Mapping[str, Mapping[str, Any]]], where: str) -> Dict[str, _Schema]:
@@ -815,7 +894,7 @@ class DataQualityMonitor(MonitorCallback):
                 fd, nf, sum_dims = None, 1, None
             else:
                 fd = self._feature_dim_of(f.name, t)
-                nf = 1 if fd is None else int(t.shape[fd])
+                nf = 1 if fd is None else int(self._layout.get(f.name, t.shape[fd]))
                 if nf < 1:
                     raise BatchSelectorError(f"{where}: field {f.name!r} has no features along dimension {fd} "
                                              f"(shape {list(t.shape)}); set feature_dim.")
@@ -823,9 +902,17 @@ class DataQualityMonitor(MonitorCallback):
             names = self.feature_names.get(f.name)
             if names is not None and len(names) != nf:
                 raise ValueError(f"{where}(feature_names={{{f.name!r}: ...}}): {len(names)} names for {nf} features.")
-            width = 1 if labels else 2 * nf
+            loose_slot = not labels and fd is not None and t.is_floating_point()
+            width = 1 if labels else 2 * nf + int(loose_slot)
             spec = _Spec(f, role, "labels" if labels else "numeric", t.dim(), fd, nf, t.is_floating_point(), offset,
-                         width, sum_dims, names)
+                         width, sum_dims, names, loose_slot=loose_slot)
+            if fd is not None:
+                self._layout.setdefault(f.name, nf)
+            if not labels and fd is None and _token_like(t):
+                self._note(f"tokens:{f.name}", f"{where}: field {f.name!r} holds integer ids of shape "
+                                               f"{list(t.shape)} ({dtype_name(t.dtype)}): its last dimension is "
+                                               f"taken as a sequence (variable length) and all its ids as one "
+                                               f"feature; set feature_dim={{{f.name!r}: ...}} to change that.")
             spec.zeros = torch.zeros(nf, dtype=torch.int64, device=t.device)
             specs.append(spec)
             kept.append(t)
@@ -858,6 +945,10 @@ class DataQualityMonitor(MonitorCallback):
 
     def _feature_dim_of(self, name: str, t: torch.Tensor) -> Optional[int]:
         fd: Any = self.feature_dim
+        if (fd is None or (isinstance(fd, dict) and name not in fd)) and _token_like(t):
+            # token ids: a position is no feature (position 23 exists only in the longest batches, and holds
+            # padding in most samples); all ids of a sample are one feature
+            return None
         if isinstance(fd, dict):
             if name not in fd:
                 return _default_feature_dim(t.dim())
@@ -883,6 +974,8 @@ class DataQualityMonitor(MonitorCallback):
                 f = s.num_features
                 mask[s.offset:s.offset + f] = int("nonfinite" in self._immediate_checks)
                 mask[s.offset + f:s.offset + 2 * f] = int("out_of_range" in self._immediate_checks)
+                if s.loose_slot:
+                    mask[s.offset + 2 * f] = int("nonfinite" in self._immediate_checks)
         return mask.to(device)
 
     def _reference_field(self, name: str, split: str = "train") -> Optional[FieldProfile]:
@@ -907,7 +1000,10 @@ class DataQualityMonitor(MonitorCallback):
         ref = self._reference_field(name)
         if ref is not None:
             return _Schema(parse_dtype(ref.dtype), list(ref.shape), True, "reference profile")
-        return _Schema(t.dtype, list(t.shape[1:]), False, "first training epoch")
+        dims: List[Optional[int]] = list(t.shape[1:])
+        if _token_like(t):
+            dims[-1] = None  # token ids, masks, per-token labels: padded to each batch's longest sequence
+        return _Schema(t.dtype, dims, False, "first training epoch")
 
     def _init_ranges(self, spec: _Spec, t: torch.Tensor) -> None:
         given = self.ranges.get(spec.name)
@@ -1045,11 +1141,18 @@ class DataQualityMonitor(MonitorCallback):
         sp.samples += keep
         sp.epoch_samples += keep
         parts: List[Optional[torch.Tensor]] = []
+        loose: Dict[int, torch.Tensor] = {}
         for i, (s, t) in enumerate(zip(sp.specs, tensors)):
-            if not self._check_schema(sp, s, t, marker) or t.dim() == 0 or t.shape[0] != n:
+            usable, is_loose = self._check_schema(sp, s, t, marker)
+            if not usable or t.dim() == 0 or t.shape[0] != n:
                 parts.append(None)
                 continue
             t = t.detach()
+            if is_loose:
+                parts.append(None)
+                if s.floating:
+                    loose[i] = t[:keep] if keep < n else t
+                continue
             parts.append(t[:keep] if keep < n else t)
             sp.values[i] += parts[-1].numel()
         ids = None
@@ -1062,7 +1165,8 @@ class DataQualityMonitor(MonitorCallback):
         if not direct:  # kept past this hook: copy, since training code may change the batch in place
             parts = [None if p is None else p.clone() for p in parts]
             ids = None if ids is None else ids.clone()
-        sp.buffer.add(_Pending(parts, marker, keep, ids))
+            loose = {i: v.clone() for i, v in loose.items()}
+        sp.buffer.add(_Pending(parts, marker, keep, ids, loose))
         if direct or sp.buffer.nbytes >= _BUFFER_BYTES:
             self._fold(sp)
 
@@ -1082,10 +1186,26 @@ class DataQualityMonitor(MonitorCallback):
         firsts: List[torch.Tensor] = []
         label_maxes: List[torch.Tensor] = []
         for i, s in enumerate(sp.specs):
+            if s.loose_slot:
+                loose = [b for b in buf.batches if i in b.loose]
+                if loose:
+                    flags = [torch.isfinite(b.loose[i]).logical_not_().reshape(b.loose[i].shape[0], -1).any(1)
+                             for b in loose]
+                    rows = torch.cat(flags)
+                    marks = torch.tensor([float(b.marker) for b, f in zip(loose, flags) for _ in range(f.shape[0])],
+                                         dtype=_F64).to(device)
+                    loose_count = sum(torch.isfinite(b.loose[i]).logical_not_().sum() for b in loose).reshape(1)
+                    loose_first = torch.where(rows, marks, math.inf).amin().reshape(1)
+                else:
+                    loose_count = torch.zeros(1, dtype=torch.int64, device=device)
+                    loose_first = torch.full((1,), math.inf, dtype=_F64, device=device)
             batches = [b for b in buf.batches if b.parts[i] is not None]
             if not batches:
                 counts.append(torch.zeros(s.width, dtype=torch.int64, device=device))
                 firsts.append(torch.full((s.width,), math.inf, dtype=_F64, device=device))
+                if s.loose_slot:
+                    counts[-1][-1:] = loose_count
+                    firsts[-1][-1:] = loose_first
                 continue
             x = torch.cat([b.parts[i] for b in batches]) if len(batches) > 1 else batches[0].parts[i]
             assert x is not None
@@ -1111,6 +1231,9 @@ class DataQualityMonitor(MonitorCallback):
                     counts.append(bad.sum(dim=s.sum_dims) if s.sum_dims is not None else bad.sum().reshape(1))
                     rows = self._rows_by_feature(bad, s)  # [rows, F]: which samples hold a bad value
                     firsts.append(torch.where(rows, markers.reshape(-1, 1), math.inf).amin(0))
+                if s.loose_slot:
+                    counts.append(loose_count)
+                    firsts.append(loose_first)
             if self.distribution:
                 if s.kind == "labels":
                     sp.acc[s.name].update(x)
@@ -1169,13 +1292,19 @@ class DataQualityMonitor(MonitorCallback):
                 classes = int(largest) + 1
         return classes
 
-    def _check_schema(self, sp: _Split, s: _Spec, t: torch.Tensor, marker: int) -> bool:
-        """Host-side comparison of dtype and shape with the expected schema; ``False``: unusable for stats."""
+    def _check_schema(self, sp: _Split, s: _Spec, t: torch.Tensor, marker: int) -> Tuple[bool, bool]:
+        """Host-side comparison of dtype and shape with the expected schema.
+
+        Returns ``(usable, loose)``: ``usable`` false leaves the batch's field out of the checks and statistics;
+        ``loose`` means its feature dimension is variable and has another size than the field's layout, so its
+        values are checked as a whole (non-finite values) but not per feature.
+        """
         exp = self._schemas.get(s.name)
         if exp is None:
-            return True
+            return True, False
         problems = []
         usable = True
+        loose = False
         if t.dtype != exp.dtype:
             problems.append(f"dtype {dtype_name(t.dtype)} (expected {dtype_name(exp.dtype)})")
             # numbers of another dtype still count; labels that stopped being integers do not
@@ -1185,10 +1314,24 @@ class DataQualityMonitor(MonitorCallback):
             problems.append(f"sample shape {dims} (expected {exp.describe()})")
             usable = False
         else:
+            same_kind = t.dtype == exp.dtype
             for i, (got, want) in enumerate(zip(dims, exp.dims)):
+                feature = s.feature_dim is not None and i + 1 == s.feature_dim
+                if feature and got != s.num_features and (want is None or (not exp.frozen and same_kind)):
+                    # a variable feature dimension (a sequence): learned while the schema is learned, or given
+                    loose = True
+                    if want is not None:
+                        exp.dims[i] = None
+                        self._note(f"vardim:{s.name}:{i + 1}", (
+                            f"DataQualityMonitor: dimension {i + 1} of field {s.name!r} varies ({want} then {got}) "
+                            f"while its dtype and other dimensions stay the same: it is taken as a variable "
+                            f"(sequence) dimension, not a schema change. Its values are checked for non-finite "
+                            f"values; per-feature statistics keep the {s.num_features} features of the first "
+                            f"batches' size. Set feature_dim for this field to change that."))
+                    continue
                 if want is None or got == want:
                     continue
-                if s.feature_dim is not None and i + 1 == s.feature_dim:
+                if feature:
                     problems.append(f"{got} features along dimension {i + 1} (expected {want})")
                     usable = False
                 elif exp.frozen:
@@ -1199,7 +1342,7 @@ class DataQualityMonitor(MonitorCallback):
             sp.schema_errors += 1
             sp.first_schema = max(sp.first_schema, -float(marker))
             sp.schema_notes.setdefault(s.name, "; ".join(problems))
-        return usable
+        return usable, loose and usable
 
     # ---------------------------------------------------------------------------------- hooks: train
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -1216,6 +1359,7 @@ class DataQualityMonitor(MonitorCallback):
             sp.row_limit, sp.limit_known = self._row_limit(getattr(trainer, "train_dataloader", None)), True
         step = logging_step(trainer)
         self._immediate_flag = None
+        self._last_batch = ("train", step, batch, False)
         self._observe(trainer, pl_module, sp, batch, step)
         if not self._scale_checked:
             self._check_scale(trainer, pl_module, sp, batch, step)
@@ -1263,17 +1407,28 @@ class DataQualityMonitor(MonitorCallback):
         # ranks see different first batches: the largest |mean| and std decide, so every rank raises the same
         # alert (and takes the same action); one MAX, once per run
         values = agree_max(probe).tolist()
-        limit, min_rms = check["max_abs_mean"], check["min_rms"]
+        limit, min_rms, ratio = check["max_abs_mean"], check["min_rms"], check["offset_ratio"]
+        adaptive = _adaptive_optimizer(trainer)
         for name, (abs_mean, std) in zip(names, values):
             rms = math.sqrt(abs_mean ** 2 + std ** 2)
             if math.isfinite(rms) and abs_mean > limit and rms > min_rms:
+                if adaptive is None:
+                    strong = True
+                    why = (f"with {_optimizer_names(trainer) or 'this optimizer'}, whose steps scale with the "
+                           f"inputs' second moment, raw pixels or raw units slow or stall training")
+                else:
+                    strong = abs_mean > ratio * std
+                    why = (f"{adaptive} normalises each weight's step, so the scale itself costs little, " + (
+                        f"but an offset of more than {ratio:g} x the spread (here {abs_mean / max(std, 1e-12):.3g}) "
+                        f"dominates the first layer and slows training" if strong else
+                        f"and the offset is within {ratio:g} x the spread (here {abs_mean / max(std, 1e-12):.3g}); "
+                        f"a mild cost at most"))
                 self._raise(trainer, pl_module, check, subject=f"train/{name}", value=abs_mean, threshold=limit,
-                            step=first, message=(
+                            step=first, severity=check.graded(strong), message=(
                                 f"inputs are not standardised: mean |x| = {abs_mean:.3g} (std {std:.3g}, RMS "
                                 f"{rms:.3g}) over the first training batch (step {first}) of input {name!r}, above "
-                                f"|mean| {limit:g} and RMS {min_rms:g}: raw pixels or raw units slow or stall "
-                                f"training; normalise the inputs (e.g. z-score per feature with the training "
-                                f"statistics)."))
+                                f"|mean| {limit:g} and RMS {min_rms:g}: {why}; normalise the inputs (e.g. z-score "
+                                f"per feature with the training statistics)."))
 
     def _immediate_triggered(self, sp: _Split) -> bool:
         """Every step, when a per-batch check acts on the batch itself: one host read (and one MAX)."""
@@ -1513,6 +1668,7 @@ class DataQualityMonitor(MonitorCallback):
         self._splits = {}
         self._edges = dict(self._edges)
         self._schemas = {k: _Schema(v.dtype, list(v.dims), v.frozen, v.source) for k, v in self._schemas.items()}
+        self._layout = dict(self._layout)
         self._classes, self._class_source = dict(self._classes), dict(self._class_source)
         self._label_max, self._ranges = dict(self._label_max), dict(self._ranges)
         self._restored_ranges = dict(self._restored_ranges)
@@ -1544,10 +1700,16 @@ class DataQualityMonitor(MonitorCallback):
                 sp.reset_epoch()
                 self._reset_counters(sp)
 
-    def _eval_batch_start(self, trainer: Any, pl_module: Any, stage: str, batch: Any, dataloader_idx: int) -> None:
+    def _eval_batch_start(self, trainer: Any, pl_module: Any, stage: str, batch: Any, dataloader_idx: int,
+                          batch_idx: int = 0) -> None:
+        split = self._eval_split(stage, dataloader_idx)
         if getattr(trainer, "sanity_checking", False):
+            # not checked or counted (the sanity check is no epoch), but kept: if the model crashes on it (a label
+            # out of range), `on_exception` names the cause
+            self._last_batch = (split, batch_idx, batch, True)
             return
-        sp = self._split(self._eval_split(stage, dataloader_idx))
+        sp = self._split(split)
+        self._last_batch = (split, sp.batches_in_epoch, batch, False)
         if not sp.limit_known:
             loaders = getattr(trainer, "val_dataloaders" if stage == "val" else f"{stage}_dataloaders", None)
             if isinstance(loaders, (list, tuple)):
@@ -1571,7 +1733,7 @@ class DataQualityMonitor(MonitorCallback):
 
     def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_batch_start(trainer, pl_module, "val", batch, dataloader_idx)
+        self._eval_batch_start(trainer, pl_module, "val", batch, dataloader_idx, batch_idx)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._eval_epoch_end(trainer, pl_module, "val")
@@ -1581,7 +1743,7 @@ class DataQualityMonitor(MonitorCallback):
 
     def on_test_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                             batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_batch_start(trainer, pl_module, "test", batch, dataloader_idx)
+        self._eval_batch_start(trainer, pl_module, "test", batch, dataloader_idx, batch_idx)
 
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._eval_epoch_end(trainer, pl_module, "test")
@@ -1677,12 +1839,15 @@ class DataQualityMonitor(MonitorCallback):
                     self._alert_labels(trainer, pl_module, sp, s, seg[0], -seg_first[0], meta, step, evaluation)
                 continue
             f = s.num_features
-            nonfinite, oor = seg[:f], seg[f:]
-            total_nf = sum(nonfinite)
+            nonfinite, oor = seg[:f], seg[f:2 * f]
+            loose_nf = seg[2 * f] if s.loose_slot else 0.0
+            total_nf = sum(nonfinite) + loose_nf
             scalars[tag("data", f"{split}/{s.name}", "nonfinite")] = total_nf
             if total_nf > 0:
                 firsts = [-v for v, c in zip(seg_first[:f], nonfinite) if c > 0]
-                self._alert_nonfinite(trainer, pl_module, sp, s, nonfinite, min(firsts), step, evaluation)
+                if loose_nf > 0:
+                    firsts.append(-seg_first[2 * f])
+                self._alert_nonfinite(trainer, pl_module, sp, s, nonfinite, min(firsts), step, evaluation, loose_nf)
             rng = meta["ranges"].get(s.name)
             if rng is not None:
                 total_oor = sum(oor)
@@ -1690,7 +1855,7 @@ class DataQualityMonitor(MonitorCallback):
                 frac = total_oor / values[i] if values[i] else 0.0
                 tolerance = 0.0 if rng.hard else max(self.checks["out_of_range"]["tolerance"], 10.0 / max(rng.n_ref, 1))
                 if total_oor > 0 and frac > tolerance:
-                    firsts = [-v for v, c in zip(seg_first[f:], oor) if c > 0]
+                    firsts = [-v for v, c in zip(seg_first[f:2 * f], oor) if c > 0]
                     self._alert_out_of_range(trainer, pl_module, sp, s, oor, frac, tolerance, rng, min(firsts), step,
                                              evaluation)
         scalars[tag("data", f"{split}/_all", "schema_errors")] = schema_errors
@@ -1717,23 +1882,27 @@ class DataQualityMonitor(MonitorCallback):
         return f"first at step {int(first)}", int(first)
 
     def _alert_nonfinite(self, trainer: Any, pl_module: Any, sp: _Split, s: _Spec, counts: List[float], first: float,
-                         step: int, evaluation: bool) -> None:
+                         step: int, evaluation: bool, loose: float = 0.0) -> None:
         check = self.checks["nonfinite"]
         if not check.enabled:
             return
         bad = sorted(((c, j) for j, c in enumerate(counts) if c > 0), reverse=True)
         where, at = self._where(sp, first, step, evaluation)
         listed = ", ".join(f"{s.label(j)} ({int(c)})" for c, j in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        self._raise(trainer, pl_module, check, subject=f"{sp.name}/{s.label(bad[0][1])}", value=sum(counts),
+        if loose > 0:  # batches of another length along a variable feature dimension: no per-feature attribution
+            listed = (listed + ", " if listed else "") + f"{int(loose)} in batches of another length along " \
+                f"dimension {s.feature_dim}"
+        subject = f"{sp.name}/{s.label(bad[0][1])}" if bad else f"{sp.name}/{s.name}"
+        self._raise(trainer, pl_module, check, subject=subject, value=sum(counts) + loose,
                     step=at, message=(
-                        f"{int(sum(counts))} non-finite value(s) (NaN/Inf) in {sp.name} {s.role} {s.name!r}, {where}; "
-                        f"feature(s): {listed}. Check the data source and the transforms (a division by zero, a log "
+                        f"{int(sum(counts) + loose)} non-finite value(s) (NaN/Inf) in {sp.name} {s.role} {s.name!r}, "
+                        f"{where}; feature(s): {listed}. Check the data source and the transforms (a division by zero, a log "
                         f"of 0, a failed normalisation, or missing values read as NaN)."))
 
     def _alert_labels(self, trainer: Any, pl_module: Any, sp: _Split, s: _Spec, count: float, first: float,
                       meta: Dict[str, Any], step: int, evaluation: bool) -> None:
         check = self.checks["label_range"]
-        if not check.enabled:
+        if not check.enabled or f"{sp.name}/{s.name}" in self._explained:
             return
         classes = meta["classes"].get(s.name)
         where, at = self._where(sp, first, step, evaluation)
@@ -2150,6 +2319,7 @@ class DataQualityMonitor(MonitorCallback):
         tally = fp.labels
         if tally is None:
             return
+        per_sample = self._per_sample_labels(s)
         classes = self._classes.get(s.name) or fp.num_classes or 0
         if classes > tally.num_classes or classes == 0:
             return
@@ -2186,7 +2356,7 @@ class DataQualityMonitor(MonitorCallback):
             test = chi_squared(other, mine)
             scalars[tag("data", f"{name}/{s.name}", "label_shift" + suffix)] = shift
             check = self.checks[check_name]
-            if check.enabled and shift > check["floor"] and float(test.pvalue) < check["alpha"]:
+            if check.enabled and per_sample and shift > check["floor"] and float(test.pvalue) < check["alpha"]:
                 of, mf = (other / other.sum()).tolist(), (mine / mine.sum()).tolist()
                 worst = sorted(range(width), key=lambda c: -abs(mf[c] - of[c]))[:4]
                 listed = ", ".join(f"class {c}: {100 * mf[c]:.3g}% vs {100 * of[c]:.3g}%" for c in worst)
@@ -2196,16 +2366,41 @@ class DataQualityMonitor(MonitorCallback):
                                 f"{100 * shift:.3g}% of the label mass moved (largest class difference "
                                 f"{100 * largest:.3g} points, chi-square p={float(test.pvalue):.3g}); {listed}. A "
                                 f"non-stratified or filtered split, or labels encoded differently."))
-        if name == "train" and classes >= 2 and ("imbalance", s.name) not in self._reported:
+        if name == "train" and classes >= 2 and per_sample and ("imbalance", s.name) not in self._reported:
             self._reported.add(("imbalance", s.name))
             check = self.checks["class_imbalance"]
             rarest = int(torch.argmin(freq))
-            if check.enabled and float(freq[rarest]) < check["ratio"] / classes:
+            chance = _rarest_class_chance(int(counts[rarest]), total, classes)
+            if check.enabled and float(freq[rarest]) < check["ratio"] / classes and chance < check["alpha"]:
                 self._raise(trainer, pl_module, check, subject=f"{name}/{s.name}", value=float(freq[rarest]),
                             threshold=check["ratio"] / classes, step=step, message=(
                                 f"class {rarest} of {name} target {s.name!r} has {100 * float(freq[rarest]):.3g}% of "
-                                f"the labels, less than {check['ratio']:g} of a uniform share over {classes} classes. "
-                                f"Consider class weights or resampling, and per-class metrics."))
+                                f"the labels ({int(counts[rarest])} of {int(total)}), less than {check['ratio']:g} of "
+                                f"a uniform share over {classes} classes, and rarer than a balanced sample of "
+                                f"{int(total)} labels makes its rarest class (chance {chance:.2g}). Consider class "
+                                f"weights or resampling, and per-class metrics." + (
+                                    f" The class count was inferred from the largest label ({classes - 1}) and class "
+                                    f"{rarest} never occurs: a label above the real class range (see "
+                                    f"data_label_range) gives this too."
+                                    if counts[rarest] == 0 and "inferred" in self._class_source.get(s.name, "inferred")
+                                    else "")))
+
+    def _per_sample_labels(self, s: _Spec) -> bool:
+        """Whether integer targets are classification labels, one per sample (``[N]`` or ``[N, 1]``).
+
+        Per-position targets (``[N, T]`` token ids of a language model, ``[N, H, W]`` segmentation masks) are
+        not judged for class imbalance or label shift: token frequencies are Zipfian and pixel classes are
+        background-heavy by nature, and the positions of one sample are no independent draws, so a chi-square
+        over them overstates significance. Their labels are still range-checked and counted in the profile.
+        """
+        schema = self._schemas.get(s.name)
+        dims = list(schema.dims) if schema is not None else None
+        if s.ndim == 1 or (s.ndim == 2 and dims == [1]):
+            return True
+        self._note(f"seqlabels:{s.name}", f"DataQualityMonitor: target {s.name!r} holds one label per position "
+                                          f"({s.ndim}-d batches): its label range is checked, but class imbalance "
+                                          f"and label shift are judged only for one label per sample.")
+        return False
 
     def _write_label_histogram(self, trainer: Any, subject: str, counts: List[float], step: int) -> None:
         n = len(counts)
@@ -2233,8 +2428,14 @@ class DataQualityMonitor(MonitorCallback):
 
     # ------------------------------------------------------------------------------- failures
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        """Say what the data looked like before the failure: read this rank's pending counters (no collective:
-        the other ranks may be elsewhere) and record what they show."""
+        """Say what the data looked like before the failure: check the batch the model was given last (labels
+        against the class count), read this rank's pending counters (no collective: the other ranks may be
+        elsewhere) and record what they show, before the error propagates."""
+        if isinstance(exception, Exception) and not isinstance(exception, MonitorError):
+            try:
+                self._explain_crash(trainer, pl_module, exception)
+            except Exception as err:  # never mask the original failure
+                logger.warning("lightwatch: DataQualityMonitor could not check the last batch: %s", err)
         if not isinstance(exception, MonitorError):
             for sp in self._splits.values():
                 if sp.specs is not None and sp.pending:
@@ -2243,6 +2444,86 @@ class DataQualityMonitor(MonitorCallback):
                     except Exception as err:  # never mask the original failure
                         logger.warning("lightwatch: DataQualityMonitor could not report pending counters: %s", err)
         super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._last_batch = None  # do not keep a batch (device memory) alive after the run
+        super().teardown(trainer, pl_module, stage)
+
+    def _crash_classes(self, trainer: Any, pl_module: Any, split: str, name: str,
+                       exception: BaseException) -> Tuple[Optional[int], str]:
+        """The class count a crashing batch's labels are checked against, and where it comes from.
+
+        Known counts first (``num_classes``, the module's ``num_classes``, the reference, the first training
+        epoch; for evaluation splits the largest training label so far plus one). Failing those, and only when
+        the error reads like an index error (a label out of bounds crashes cross-entropy with ``IndexError`` /
+        "Target 12 is out of bounds" on CPU, a device-side assert on CUDA), the width of the module's last
+        linear layer: a classifier's logits. A label at or above it is what the loss cannot index.
+        """
+        sp = self._splits.get(split)
+        classes = self._classes_for(sp, name) if sp is not None else None
+        if classes is None:
+            classes = self._known_classes(name)
+        if classes is None and split != "train":
+            largest = self._label_max.get(name)
+            if largest is not None and math.isfinite(largest) and largest >= 0:
+                classes = int(largest) + 1
+        if classes is not None:
+            return classes, self._class_source.get(name, "the largest training label so far, plus one")
+        text = f"{type(exception).__name__}: {exception}".lower()
+        if not (isinstance(exception, IndexError) or any(k in text for k in ("out of bounds", "device-side assert",
+                                                                              "index"))):
+            return None, ""
+        width = None
+        for module in pl_module.modules() if isinstance(pl_module, torch.nn.Module) else []:
+            out = getattr(module, "out_features", None)
+            if isinstance(out, int) and not isinstance(out, bool) and out > 0:
+                width = out
+        if width is None:
+            return None, ""
+        return width, f"the width of the model's last linear layer, {width} outputs"
+
+    def _explain_crash(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """``data_label_range`` for the batch the model was given last, when its labels explain the crash."""
+        if self._last_batch is None or not self.checks["label_range"].enabled:
+            return
+        split, marker, batch, sanity = self._last_batch
+        try:
+            fields = self.selector.resolve(batch)
+        except Exception:
+            return
+        for f in fields.targets:
+            y = self.selector.get(batch, f)
+            if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool \
+                    or y.numel() == 0:
+                continue
+            classes, source = self._crash_classes(trainer, pl_module, split, f.name, exception)
+            y = y.detach()
+            bad = y < 0
+            if self.ignore_index is not None:
+                bad &= y != self.ignore_index
+            if classes is not None:
+                bad |= y >= classes
+            if not bool(bad.any()):
+                continue
+            values = torch.unique(y[bad]).tolist()
+            count = int(bad.sum())
+            where = (f"{split} batch {marker} of the sanity check (validation before training)" if sanity else
+                     f"{split} batch {marker}" if split != "train" else f"the train batch of step {marker}")
+            valid = f"[0, {classes}) ({source})" if classes is not None else "non-negative values"
+            listed = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
+            subject = f"{split}/{f.name}"
+            self._explained.add(subject)
+            self._record_only = True
+            try:
+                self._raise(trainer, pl_module, self.checks["label_range"], subject=subject, value=float(count),
+                            threshold=None if classes is None else float(classes), step=logging_step(trainer),
+                            message=(f"{count} label(s) of {split} target {f.name!r} outside {valid} in {where}, the "
+                                     f"batch the model was given when training failed ({type(exception).__name__}: "
+                                     f"{str(exception)[:160]}): label value(s) {listed}. An out-of-range label "
+                                     f"crashes cross-entropy on the CPU and triggers a device-side assert on CUDA; "
+                                     f"check the label encoding of the {split} data and num_classes."))
+            finally:
+                self._record_only = False
 
     def _emergency_report(self, trainer: Any, pl_module: Any, sp: _Split) -> None:
         self._fold(sp)
@@ -2279,6 +2560,7 @@ class DataQualityMonitor(MonitorCallback):
             "edges": {k: v.tolist() for k, v in self._edges.items()},
             "schemas": {k: {"dtype": dtype_name(v.dtype), "dims": list(v.dims), "frozen": v.frozen, "source": v.source}
                         for k, v in self._schemas.items()},
+            "layout": {k: int(v) for k, v in self._layout.items()},
             "classes": dict(self._classes),
             "class_source": dict(self._class_source),
             "label_max": {k: float(v) for k, v in self._label_max.items() if math.isfinite(v)},
@@ -2300,6 +2582,7 @@ class DataQualityMonitor(MonitorCallback):
         self._edges = {k: torch.tensor(v, dtype=torch.float64) for k, v in state_dict.get("edges", {}).items()}
         self._schemas = {k: _Schema(parse_dtype(v["dtype"]), list(v["dims"]), bool(v["frozen"]), str(v["source"]))
                          for k, v in state_dict.get("schemas", {}).items()}
+        self._layout = {k: int(v) for k, v in dict(state_dict.get("layout", {})).items()}
         self._classes = {k: int(v) for k, v in state_dict.get("classes", {}).items()}
         self._class_source = {k: str(v) for k, v in state_dict.get("class_source", {}).items()}
         self._label_max = {k: float(v) for k, v in state_dict.get("label_max", {}).items()}

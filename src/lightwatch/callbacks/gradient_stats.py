@@ -112,7 +112,8 @@ class GradientStatsMonitor(MonitorCallback):
     """
 
     DIAGNOSES = ("init_zero", "init_large", "frozen_parameters", "frozen_at_init", "grad_stale", "grad_missing",
-                 "update_ratio_high", "update_ratio_low", "grad_vanishing")
+                 "param_not_in_optimizer", "batchnorm_eval", "update_ratio_high", "update_ratio_low",
+                 "grad_vanishing")
 
     def __init__(
         self,
@@ -167,6 +168,8 @@ class GradientStatsMonitor(MonitorCallback):
         # per selected parameter, whether the optimizer stepped at the first reading holds it: under manual
         # optimisation with several optimizers (a GAN), a parameter of another optimizer has no gradient by design
         self._stepped: Optional[List[bool]] = None
+        self._in_optimizer: Optional[List[bool]] = None  # per selected parameter: held by some optimizer
+        self._batchnorm_checked = False
         self._stale_checks_left = 3
         # grad_stale flags: read at once on the CPU, one step late on CUDA (no host sync in the step itself)
         self._stale_readback: HostReadback = HostReadback()
@@ -234,6 +237,9 @@ class GradientStatsMonitor(MonitorCallback):
         if not self.sampled or not self._params:
             return
         self._stats_step = step
+        if self.diagnose and not self._batchnorm_checked:
+            self._batchnorm_checked = True
+            self._check_batchnorm_mode(trainer, pl_module, step)
         if self._stepped is None:
             held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group.get("params", ())}
             self._stepped = [id(p) in held for p in self._params] if held else [True] * len(self._params)
@@ -409,7 +415,12 @@ class GradientStatsMonitor(MonitorCallback):
     # ----------------------------------------------------------------------------- diagnoses
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._resolve(trainer, pl_module)
+        optimizers = list(getattr(trainer, "optimizers", None) or [])
+        held = {id(p) for opt in optimizers for group in getattr(opt, "param_groups", ()) for p in group.get("params", ())}
+        # under FSDP the optimizers hold the sharded flat parameters, not the ones selected here
+        self._in_optimizer = [id(p) in held for p in self._params] if optimizers and not self._sharded else None
         if not self.diagnose or int(getattr(trainer, "global_step", 0)) > 0:  # resumed: weights are trained
+            self._batchnorm_checked = True
             return
         frozen_params = [(n, p) for n, p in pl_module.named_parameters() if not p.requires_grad]
         frozen = [n for n, _ in frozen_params]
@@ -477,6 +488,49 @@ class GradientStatsMonitor(MonitorCallback):
                      f"layers are fixed random projections and will never learn. Likely cause: the wrong layers "
                      f"frozen, or pretrained weights not loaded before freezing; unfreeze them or load the weights."))
 
+    def _check_batchnorm_mode(self, trainer: Any, pl_module: Any, step: int) -> None:
+        """``batchnorm_eval``: BatchNorm layers in eval mode during a training step (once, at the first reading).
+
+        Eval mode normalises with the running statistics instead of the batch's. With running statistics that
+        were never collected (mean 0, variance 1, no batch tracked) the layer does not normalise at all, and the
+        model is later evaluated with statistics nobody computed: a bug (``warning``; a `model.eval()` left in
+        the training code, or a submodule put in eval mode). With collected statistics it is how a pretrained
+        backbone is fine-tuned with frozen normalisation (``info``).
+        """
+        if not getattr(pl_module, "training", True):
+            return
+        frozen = [(n, m) for n, m in pl_module.named_modules()
+                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.training]
+        if not frozen:
+            return
+        fresh = []
+        for name, m in frozen:
+            mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+            if mean is None or var is None or is_lazy(mean):
+                fresh.append(name)  # no running statistics: eval mode cannot normalise with anything learned
+                continue
+            # one host read, once per run
+            if bool(torch.all(mean == 0)) and bool(torch.all(var == 1)):
+                fresh.append(name)
+        names = [n for n, _ in frozen]
+        listed = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        if fresh:
+            self.raise_alert(
+                trainer, pl_module, rule="batchnorm_eval", severity="warning", subject=fresh[0], step=step,
+                value=float(len(fresh)),
+                message=(f"{len(frozen)} BatchNorm layer(s) are in eval mode during training ({listed}), "
+                         f"{len(fresh)} of them with running statistics never collected (mean 0, variance 1): they "
+                         f"do not normalise, and evaluation will use statistics nobody computed. Likely a "
+                         f"model.eval() (or a submodule's .eval()) left in the training code; call .train() there, "
+                         f"or use frozen statistics only with a pretrained backbone."))
+        else:
+            self.raise_alert(
+                trainer, pl_module, rule="batchnorm_eval", severity="info", subject=names[0], step=step,
+                value=float(len(names)),
+                message=(f"{len(names)} BatchNorm layer(s) are in eval mode during training ({listed}) with "
+                         f"collected running statistics: frozen normalisation, as when fine-tuning a pretrained "
+                         f"backbone; a bug otherwise."))
+
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         # A static check of the first steps only: gradients left over from the previous step mean zero_grad
         # is never called. Inside an accumulation window they are expected, so only a window's start counts.
@@ -526,6 +580,18 @@ class GradientStatsMonitor(MonitorCallback):
                     message=(f"{len(missing)} trainable parameter(s) of the optimizer being stepped got no gradient "
                              f"({', '.join(missing[:5])}): unused in the loss, or detached; fine for unused heads, a "
                              f"bug otherwise."))
+            if self._in_optimizer is not None:
+                # a gradient that no optimizer applies: the layer was built after the optimizer, or the optimizer
+                # was given a sub-module's parameters; it stays as initialised for the whole run
+                orphans = [n for n, p, held in zip(self._names, present, self._in_optimizer) if p and not held]
+                if orphans:
+                    self.raise_alert(
+                        trainer, pl_module, rule="param_not_in_optimizer", severity="warning", subject=orphans[0],
+                        step=step, value=float(len(orphans)),
+                        message=(f"{len(orphans)} parameter(s) get a gradient but are in no optimizer "
+                                 f"({', '.join(orphans[:5])}{' ...' if len(orphans) > 5 else ''}): they will never "
+                                 f"be updated. Build the optimizer from self.parameters() (after every layer exists), "
+                                 f"or set requires_grad=False on them if they are meant to stay fixed."))
         lrs = learning_rates(trainer)
         warming_up, self._lrs = lr_rising(self._lrs, lrs), lrs
         ratios = [(math.sqrt(delta_sq[i] / before_sq[i]), i) for i in layers
