@@ -91,6 +91,22 @@ def test_dynamically_padded_token_batches_raise_nothing(tmp_path: Any, scan: int
     assert profile.splits["val"].fields["labels"].shape == [None]
 
 
+def pad_into_labels(items: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The bug: labels copied from the padded input_ids, padding (id 0) included."""
+    batch = pad_to_longest(items)
+    batch["labels"] = batch["input_ids"].clone()
+    return batch
+
+
+@pytest.mark.parametrize("scan", [0, 64])
+def test_labels_at_padded_positions_that_the_loss_counts_are_named(tmp_path: Any, scan: int) -> None:
+    train = DataLoader(Texts(192, 0), batch_size=8, shuffle=True, collate_fn=pad_into_labels)
+    fit(tmp_path, DataQualityMonitor(scan_before_fit=scan), train, model=CausalLM(), max_steps=12)
+    (alert,) = by_rule(tmp_path, "data_padding_in_loss")
+    assert (alert["severity"], alert["subject"], alert["step"]) == ("warning", "train/labels", 0)
+    assert alert["value"] == 1.0 and "predict pad tokens" in alert["message"]
+
+
 def test_a_real_schema_change_of_token_ids_or_float_features_is_still_an_error(tmp_path: Any) -> None:
     def to_int32(batch: Any) -> None:
         batch["input_ids"] = batch["input_ids"].to(torch.int32)

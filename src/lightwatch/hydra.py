@@ -371,6 +371,7 @@ class DataChecksConf:
     leakage: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
     class_imbalance: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
     labels_unrelated: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
+    padding_in_loss: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
 
 
 @dataclass

@@ -120,6 +120,11 @@ CHECKS: Dict[str, Dict[str, Any]] = {
     # digits z ~100, shuffled labels |z| < 3, 70% label noise z ~11. `info`: inputs whose raw distances mean
     # little (raw audio, say) read near chance too; the not-learning check raises it when the loss stays up.
     "labels_unrelated": {"tier": "scan", "action": "log", "severity": "info", "min_z": 3.0, "min_rows": 200},
+    # the first training batches with padding (an `attention_mask` with zeros beside per-token labels of the
+    # same shape): the share of padded positions whose label is not `ignore_index`, i.e. that the loss counts.
+    # A collate that copies input_ids into labels without masking the padding gives 1.0; HF's collators and a
+    # correct collate give 0. Above `threshold` the model is also trained to predict padding.
+    "padding_in_loss": {"tier": "first_batch", "action": "warn", "severity": "warning", "threshold": 0.5},
 }
 # Allowed range of each numeric parameter: (low, high, low inclusive).
 _PARAM_BOUNDS = {"alpha": (0.0, 1.0, False), "psi_floor": (0.0, math.inf, True), "ks_floor": (0.0, 1.0, True),
@@ -459,6 +464,9 @@ def _fmt(v: float) -> str:
 _SCAN_ISOLATED = ("_splits", "_edges", "_schemas", "_layout", "_classes", "_class_source", "_label_max", "_ranges",
                   "_restored_ranges", "_learned", "_profile", "_train_hashes_last", "_reported", "_published_step",
                   "_skip_step", "_scale_probe", "_scale_checked", "_immediate_flag", "sampled")
+# padding_in_loss looks at this many training batches at most for one with padding
+_PADDING_BATCHES = 16
+_MASK_KEYS = ("attention_mask",)
 # Actions that act on an optimizer step: before training there is none to skip or roll back.
 _STEP_ACTIONS = ("skip_step", "rollback")
 
@@ -808,6 +816,8 @@ class DataQualityMonitor(MonitorCallback):
         # at the first logged step; `_scale_checked` keeps a resumed run from checking again
         self._scale_probe: Optional[Tuple[List[str], torch.Tensor, int]] = None
         self._scale_checked = False
+        # padding_in_loss: training batches left to look at for padding (checked until one has some)
+        self._padding_batches_left = _PADDING_BATCHES
         # the scan before training: set while it runs; the (rule, subject) it reported with their severity,
         # so the streaming checks do not report them again; done once per run (kept in checkpoints)
         self._scan: Optional[_Scan] = None
@@ -1363,6 +1373,8 @@ class DataQualityMonitor(MonitorCallback):
         self._observe(trainer, pl_module, sp, batch, step)
         if not self._scale_checked:
             self._check_scale(trainer, pl_module, sp, batch, step)
+        if self._padding_batches_left > 0:
+            self._check_padding(trainer, pl_module, sp, batch, step)
         if self._immediate_checks and self._immediate_triggered(sp):
             self._flush_step(trainer, pl_module, sp, step, synchronous=True)
             return
@@ -1429,6 +1441,47 @@ class DataQualityMonitor(MonitorCallback):
                                 f"{rms:.3g}) over the first training batch (step {first}) of input {name!r}, above "
                                 f"|mean| {limit:g} and RMS {min_rms:g}: {why}; normalise the inputs (e.g. z-score "
                                 f"per feature with the training statistics)."))
+
+    def _check_padding(self, trainer: Any, pl_module: Any, sp: _Split, batch: Any, step: int) -> None:
+        """``padding_in_loss``: per-token labels at padded positions that the loss counts (not ``ignore_index``).
+
+        Looks at the first training batches (at most 16) until one holds padding: a batch mapping with an
+        ``attention_mask`` that has zeros, beside a label field of the same shape. One small host read per such
+        batch (under DDP one MAX first, so every rank stops at the same batch); nothing afterwards.
+        """
+        check = self.checks["padding_in_loss"]
+        if not check.enabled or sp.specs is None or not isinstance(batch, Mapping):
+            self._padding_batches_left = 0
+            return
+        mask = next((batch[k] for k in _MASK_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
+        labels = [(s, self.selector.get(batch, s.field)) for s in sp.specs if s.role == "target" and s.kind == "labels"]
+        labels = [(s, t) for s, t in labels if isinstance(t, torch.Tensor) and mask is not None and t.shape == mask.shape
+                  and t.dim() >= 2]
+        if not labels or self.ignore_index is None:
+            self._padding_batches_left = 0
+            return
+        self._padding_batches_left -= 1
+        padded = mask == 0
+        rows = []
+        for _, t in labels:
+            counted = (t != self.ignore_index) & padded
+            rows.append(torch.stack([padded.sum().float(), counted.sum().float()]))
+        probe = torch.stack(rows)
+        values = agree_max(probe).tolist()  # the rank with the most padding speaks for all, alike on every rank
+        if all(n_pad == 0 for n_pad, _ in values):
+            return  # no padding in this batch: look at the next one
+        self._padding_batches_left = 0
+        for (s, _), (n_pad, counted) in zip(labels, values):
+            share = counted / n_pad if n_pad > 0 else 0.0
+            if share > check["threshold"]:
+                self._raise(trainer, pl_module, check, subject=f"train/{s.name}", value=share,
+                            threshold=check["threshold"], step=step, message=(
+                                f"{100 * share:.3g}% of the padded positions (attention_mask 0) of training batch at "
+                                f"step {step} have a label in {s.name!r} other than ignore_index "
+                                f"{self.ignore_index}: the loss counts the padding, so the model is also trained to "
+                                f"predict pad tokens and the loss reads better than the model is. Set the labels "
+                                f"of padded positions to {self.ignore_index} in the collate (HF's "
+                                f"DataCollatorForLanguageModeling does), or pass ignore_index to the loss."))
 
     def _immediate_triggered(self, sp: _Split) -> bool:
         """Every step, when a per-batch check acts on the batch itself: one host read (and one MAX)."""
@@ -1603,6 +1656,8 @@ class DataQualityMonitor(MonitorCallback):
                         self.sampled = True  # read the input scale of the first batch now
                         self._check_scale(trainer, pl_module, sp, batch, 0)
                         self.sampled = False
+                    if split == "train" and self._padding_batches_left > 0:
+                        self._check_padding(trainer, pl_module, sp, batch, 0)
                 if sp.specs is not None:
                     self._epoch_end(trainer, pl_module, sp)
             if signal is not None:
@@ -2568,6 +2623,7 @@ class DataQualityMonitor(MonitorCallback):
                                for k, r in self._ranges.items() if not r.hard and r.bounds},
             "learned": bool(self._learned),
             "scale_checked": bool(self._scale_checked),
+            "padding_batches_left": int(self._padding_batches_left),
             "reported": sorted(f"{a}|{b}" for a, b in self._reported),
             "scan_done": bool(self._scan_done),
             "scan_alerts": dict(self._scan_alerts),
@@ -2589,6 +2645,8 @@ class DataQualityMonitor(MonitorCallback):
         self._restored_ranges = {str(k): dict(v) for k, v in state_dict.get("learned_ranges", {}).items()}
         self._learned = bool(state_dict.get("learned", False))
         self._scale_checked = bool(state_dict.get("scale_checked", self._learned))
+        self._padding_batches_left = int(state_dict.get("padding_batches_left", 0 if self._learned else
+                                                        _PADDING_BATCHES))
         self._reported = {tuple(x.split("|", 1)) for x in state_dict.get("reported", [])}  # type: ignore[misc]
         self._scan_done = bool(state_dict.get("scan_done", False))
         self._scan_alerts = {str(k): str(v) for k, v in dict(state_dict.get("scan_alerts", {})).items()
