@@ -504,6 +504,18 @@ class ActivationStatsMonitor(MonitorCallback):
         keep = set(top_k_subjects([n for n, _ in stats], [r["absmax"] for _, r in stats], self.top_k, flagged))
         scalars = {self.writer.tag("act", name, stat): v for name, row in stats if name in keep
                    for stat, v in row.items()}
+        # the readings the diagnoses judge (over every watched module, not only the written ones), so their
+        # healthy range can be read back from any run
+        dead = [row["dead_frac"] for name, row in stats if "dead_frac" in row and name not in thin]
+        if dead:
+            scalars[self.writer.tag("diag", "act_dead", "max")] = max(dead)
+        saturated = [row["saturation"] for _, row in stats if "saturation" in row]
+        if saturated:
+            scalars[self.writer.tag("diag", "act_saturated", "max")] = max(saturated)
+        if step == 0:
+            growth = self._growth(stats, {name: order[i] for i, name in enumerate(self._names)})
+            if growth is not None:
+                scalars[self.writer.tag("diag", "act_growth", "ratio")] = growth[0]
         self.writer.write_scalars(trainer, scalars, step)
 
         hist_rows = [i for i, has in enumerate(hist_mask) if has]
@@ -609,25 +621,35 @@ class ActivationStatsMonitor(MonitorCallback):
                     message=(f"module '{name}': {100 * value:.0f}% {what}, {when} "
                              f"({len(hits)} module(s) affected; the first in forward order is named). Likely: {fix}."))
 
-    def _check_growth(self, trainer: Any, pl_module: Any, stats: List[Tuple[str, Dict[str, float]]],
-                      position: Dict[str, int]) -> None:
-        """``act_exploding``: at initialisation, activations grow through depth (weights too large per layer)."""
+    def _growth(self, stats: List[Tuple[str, Dict[str, float]]],
+                position: Dict[str, int]) -> Optional[Tuple[float, str, str, int]]:
+        """RMS of the last activation module's output over the first's, in forward order, with the names and count.
+
+        None with fewer than three activation modules (with two the ratio says more about the input scale than
+        about depth) or a first RMS of 0.
+        """
         index = {name: i for i, name in enumerate(self._names)}
         layers = sorted(((position.get(name, 1 << 30), name, math.sqrt(row["std"] ** 2 + row["mean"] ** 2))
                          for name, row in stats if self._activation[index[name]] and row["nonfinite"] == 0),
                         key=lambda t: t[0])
         if len(layers) < _GROWTH_MIN_LAYERS or not layers[0][2] > 0 or not math.isfinite(layers[-1][2]):
-            return
+            return None
         (_, first, first_rms), (_, last, last_rms) = layers[0], layers[-1]
-        growth = last_rms / first_rms
-        if not growth > _GROWTH_BOUND:
+        return last_rms / first_rms, first, last, len(layers)
+
+    def _check_growth(self, trainer: Any, pl_module: Any, stats: List[Tuple[str, Dict[str, float]]],
+                      position: Dict[str, int]) -> None:
+        """``act_exploding``: at initialisation, activations grow through depth (weights too large per layer)."""
+        found = self._growth(stats, position)
+        if found is None or not found[0] > _GROWTH_BOUND:
             return
-        per_layer = growth ** (1.0 / (len(layers) - 1))
+        growth, first, last, count = found
+        per_layer = growth ** (1.0 / (count - 1))
         self.raise_alert(
             trainer, pl_module, rule="act_exploding", severity="warning", subject=last, value=growth,
             threshold=_GROWTH_BOUND, step=0, message=(
                 f"at initialisation the activations grow through depth: the RMS of '{last}' is {growth:.3g}x that "
-                f"of '{first}' ({len(layers)} activation layers, x{per_layer:.3g} per layer; a stable init keeps it "
+                f"of '{first}' ({count} activation layers, x{per_layer:.3g} per layer; a stable init keeps it "
                 f"near 1). Gradients grow the same way backwards and the first updates blow up: use the layers' "
                 f"default or a He/Xavier init with gain 1, or add normalisation layers."))
 

@@ -385,6 +385,13 @@ class GradientStatsMonitor(MonitorCallback):
                 if stat == "update_ratio" and not self.track_update_ratio:
                     continue
                 scalars[self.writer.tag(family, name, stat)] = value
+        # the readings the diagnoses judge, so their healthy range can be read back from any run
+        overall = self._overall_update_ratio(present, before_sq, delta_sq) if step > 0 else None
+        if overall is not None:
+            scalars[self.writer.tag("diag", "update_ratio", "all_layers")] = overall
+        depth = self._depth_ratio(present, grad_sq)
+        if depth is not None:
+            scalars[self.writer.tag("diag", "grad_depth", "ratio")] = depth[0]
         self.writer.write_scalars(trainer, scalars, step)
 
         if len(values) > offset:
@@ -413,6 +420,31 @@ class GradientStatsMonitor(MonitorCallback):
             )
 
     # ----------------------------------------------------------------------------- diagnoses
+    def _overall_update_ratio(self, present: List[float], before_sq: List[float],
+                              delta_sq: List[float]) -> Optional[float]:
+        """||dW|| / ||W|| over every Linear/Conv weight that has a gradient: how far one step moves the network."""
+        moved = [j for j in self._weight_layers if present[j] and before_sq[j] > 0 and math.isfinite(delta_sq[j])]
+        if not self.track_update_ratio or not moved:
+            return None
+        return math.sqrt(sum(delta_sq[j] for j in moved) / sum(before_sq[j] for j in moved))
+
+    def _depth_ratio(self, present: List[float], grad_sq: List[float]) -> Optional[Tuple[float, int]]:
+        """The largest gradient norm of the first quarter of the weight layers over that of the last quarter.
+
+        Vanishing gradients fade through depth everywhere, while single early tensors (attention queries and
+        keys at init, embeddings) have small gradients by design beside healthy ones in the same block.
+        Returns ``(ratio, k)`` with ``k`` the layers per quarter, or None with fewer than two layers.
+        """
+        layers = [i for i in self._weight_layers if present[i]]
+        if len(layers) < 2:
+            return None
+        k = max(1, len(layers) // 4)
+        head = [grad_sq[j] for j in layers[:k] if math.isfinite(grad_sq[j])]
+        tail = [grad_sq[j] for j in layers[-k:] if math.isfinite(grad_sq[j])]
+        if not head or not tail or max(tail) <= 0:
+            return None
+        return math.sqrt(max(head) / max(tail)), k
+
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._resolve(trainer, pl_module)
         optimizers = list(getattr(trainer, "optimizers", None) or [])
@@ -604,8 +636,7 @@ class GradientStatsMonitor(MonitorCallback):
                 ratio, i = max(ratios)
                 # all weight layers together: how far one step moves the network, which a learning rate too high
                 # raises everywhere; one fresh small-norm layer (a new head) moving fast is the init, not the rate
-                moved = [j for _, j in ratios]
-                overall = math.sqrt(sum(delta_sq[j] for j in moved) / sum(before_sq[j] for j in moved))
+                overall = self._overall_update_ratio(present, before_sq, delta_sq) or 0.0
                 first = self._first_update
                 if ratio < 1e-4 and first is not None and first[0] > 0.1:
                     # a first update that large, then nothing moves: the first steps killed the network (every
@@ -643,23 +674,16 @@ class GradientStatsMonitor(MonitorCallback):
                         message=(f"one optimizer step changes '{self._names[i]}' by {100 * ratio:.3g}% of its norm "
                                  f"(healthy 1-6% early in training): the learning rate is likely far too low, "
                                  f"unless this is fine-tuning."))
-        if len(layers) >= 2:
-            # the strongest gradient of the first quarter of the weight layers against that of the last quarter:
-            # vanishing gradients fade through depth everywhere, while single early tensors (attention queries and
-            # keys at init, embeddings) have small gradients by design beside healthy ones in the same block
-            k = max(1, len(layers) // 4)
-            head, tail = layers[:k], layers[-k:]
-            first_i = max(head, key=lambda j: grad_sq[j] if math.isfinite(grad_sq[j]) else -1.0)
-            first, last = grad_sq[first_i], max(grad_sq[j] for j in tail)
-            if last > 0 and math.isfinite(first) and math.isfinite(last) and math.sqrt(first / last) < 1e-3:
-                self.raise_alert(
-                    trainer, pl_module, rule="grad_vanishing", severity="warning", subject=self._names[layers[0]],
-                    value=math.sqrt(first / last), threshold=1e-3, step=step,
-                    message=(f"the largest gradient among the first {k} weight layer(s) (from "
-                             f"'{self._names[layers[0]]}') is {math.sqrt(first / last):.2g} of the largest among the "
-                             f"last {k}: gradients vanish through depth (saturating activations without "
-                             f"normalisation); use ReLU-family activations, normalisation layers or residual "
-                             f"connections."))
+        depth = self._depth_ratio(present, grad_sq)
+        if depth is not None and depth[0] < 1e-3:
+            ratio, k = depth
+            self.raise_alert(
+                trainer, pl_module, rule="grad_vanishing", severity="warning", subject=self._names[layers[0]],
+                value=ratio, threshold=1e-3, step=step,
+                message=(f"the largest gradient among the first {k} weight layer(s) (from "
+                         f"'{self._names[layers[0]]}') is {ratio:.2g} of the largest among the last {k}: gradients "
+                         f"vanish through depth (saturating activations without normalisation); use ReLU-family "
+                         f"activations, normalisation layers or residual connections."))
 
     # ------------------------------------------------------------------------------------ end
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -684,6 +684,9 @@ class MetricMonitor(MonitorCallback):
         if evidence is None:
             return
         first, recent, ratio, z = evidence
+        # the readings judged, so their healthy range can be read back from any run (a few writes per run)
+        self.writer.write_scalars(trainer, {self.writer.tag("diag", "loss_learning", "ratio"): ratio,
+                                            self.writer.tag("diag", "loss_learning", "decline_z"): z}, step)
         first_evaluation = self._next_evaluation == _LEARNING_FIRST_STEP
         self._next_evaluation = 2 * step
         if not math.isfinite(ratio) or ratio <= _LEARNING_RATIO:
