@@ -115,6 +115,40 @@ def read_alerts(log_dir: Optional[str]) -> List[Dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+#: The readings lightwatch's diagnoses judge (``monitor.diag/...``), and which end of their range matters.
+DIAG_TAGS = {
+    "monitor.diag/update_ratio/median": "max",
+    "monitor.diag/update_ratio/all_layers": "max",
+    "monitor.diag/grad_depth/ratio": "min",
+    "monitor.diag/act_dead/max": "max",
+    "monitor.diag/act_saturated/max": "max",
+    "monitor.diag/act_growth/ratio": "max",
+    "monitor.diag/loss_learning/ratio": "max",
+    "monitor.diag/loss_learning/decline_z": "min",
+}
+
+
+def read_diag(run_dir: str) -> Dict[str, Dict[str, Any]]:
+    """Per ``monitor.diag`` tag of the run's TensorBoard events: min, max, the first and the second reading."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: Dict[str, Dict[str, Any]] = {}
+    for root, _, files in os.walk(run_dir):
+        for name in files:
+            if not name.startswith("events.out.tfevents"):
+                continue
+            acc = EventAccumulator(os.path.join(root, name), size_guidance={"scalars": 0})
+            acc.Reload()
+            for tag in acc.Tags().get("scalars", []):
+                if tag in DIAG_TAGS:
+                    points = sorted((e.step, float(e.value)) for e in acc.Scalars(tag))
+                    values = [v for _, v in points if math.isfinite(v)]
+                    if values:
+                        found[tag] = dict(min=min(values), max=max(values), first=points[0],
+                                          second=points[1] if len(points) > 1 else None)
+    return found
+
+
 def record_path(out: str, mode: str, family: str, seed: int) -> str:
     return os.path.join(out, "runs", mode, family, f"seed{seed}.json")
 
@@ -195,6 +229,7 @@ def run_one(family: str, seed: int, mode: str, out: str, max_steps: Optional[int
         rec["loss_last"] = _f(sum(tail) / len(tail))
         rec["finite"] = all(math.isfinite(v) for v in losses)
         rec["loss_curve"] = [_f(round(v, 5)) for v in losses[:: max(1, len(losses) // 50)]]
+    rec["diag"] = read_diag(run_dir)
     rec["learned"] = _learned(fam, rec)
     rec["healthy"] = bool(rec["error"] is None and rec["finite"] and rec["learned"])
     if write:
@@ -336,6 +371,10 @@ def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
                 metric_init=_median(r.get("metric_init") for r in fr),
                 metric_final=_median(r.get("metric_final") for r in fr),
                 seconds=_median(r.get("seconds") for r in fr),
+                diag={tag: dict(min=min(v[tag]["min"] for v in diags), max=max(v[tag]["max"] for v in diags),
+                                runs=len(diags))
+                      for tag in DIAG_TAGS
+                      for diags in [[r["diag"] for r in fr if tag in (r.get("diag") or {})]] if diags},
             ))
         totals = {}
         for split, pick in (("tuning", lambda r: r.get("held_out") is False),
@@ -439,6 +478,13 @@ def format_report(summary: Dict[str, Any], show_info: bool = False) -> str:
                              "H" if a["held_out"] else "T", str(a["step"]), str(a["subject"]), _fmt(a["value"]),
                              _fmt(a["threshold"]), _msg(a["message"])])
             parts.append(_table(rows))
+        parts.append("healthy range of each diagnosis reading (monitor.diag), min..max over the family's runs:")
+        rows = [["family"] + [t.split("/", 1)[1] for t in DIAG_TAGS]]
+        for r in s["families"]:
+            d = r.get("diag") or {}
+            rows.append([r["family"]] + [f"{_fmt(d[t]['min'])}..{_fmt(d[t]['max'])}" if t in d else "-"
+                                         for t in DIAG_TAGS])
+        parts.append(_table(rows))
         if show_info:
             parts.append(f"info alerts per rule ({sum(d['alerts'] for d in s['info'].values())}):")
             for rule, d in sorted(s["info"].items(), key=lambda kv: -kv[1]["alerts"]):

@@ -396,6 +396,9 @@ class GradientStatsMonitor(MonitorCallback):
         overall = self._overall_update_ratio(present, before_sq, delta_sq) if step > 0 else None
         if overall is not None:
             scalars[self.writer.tag("diag", "update_ratio", "all_layers")] = overall
+        typical = self._median_update_ratio(present, before_sq, delta_sq) if step > 0 else None
+        if typical is not None:
+            scalars[self.writer.tag("diag", "update_ratio", "median")] = typical[0]
         depth = self._depth_ratio(present, grad_sq)
         if depth is not None:
             scalars[self.writer.tag("diag", "grad_depth", "ratio")] = depth[0]
