@@ -350,3 +350,26 @@ def test_batchnorm_in_eval_mode_during_training_is_named(tmp_path: Any, seed: in
         model.features[1].running_var.uniform_(0.5, 2.0)
     (alert,) = batchnorm_alerts(tmp_path / "pretrained", model)
     assert alert["severity"] == "info"
+
+
+def test_an_embedding_initialised_to_zero_is_named_at_fit_start(tmp_path: Any, seed: int) -> None:
+    class TokenModel(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 16, padding_idx=0)  # the padding row alone at 0: fine
+            self.head = torch.nn.Linear(16, 3)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            tokens = (x.abs() * 10).long().clamp(0, 49)
+            return torch.nn.functional.cross_entropy(self.head(self.embed(tokens).mean(1)), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    assert "init_zero" not in rules(alerts_of(tmp_path / "ok", TokenModel(), max_steps=2), severity="info")
+    model = TokenModel()
+    with torch.no_grad():
+        model.embed.weight.zero_()
+    (alert,) = [a for a in alerts_of(tmp_path / "zero", model, max_steps=2) if a["rule"] == "init_zero"]
+    assert (alert["severity"], alert["subject"], alert["step"]) == ("warning", "embed.weight", 0)

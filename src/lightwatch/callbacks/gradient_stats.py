@@ -33,6 +33,12 @@ _RATIO_HIGH = 0.1
 _RATIO_MIN_TENSORS = 3  # the median needs this many weight tensors; with fewer one layer's own scale decides
 
 
+def owners_of(module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """Parameter name -> the module that holds it."""
+    return {f"{m}.{p}" if m else p: mod for m, mod in module.named_modules()
+            for p, _ in mod.named_parameters(recurse=False)}
+
+
 def _norms(tensors: List[torch.Tensor], order: float = 2.0) -> torch.Tensor:
     """Norms of many tensors in one fused call, as one float32 vector.
 
@@ -214,8 +220,7 @@ class GradientStatsMonitor(MonitorCallback):
             self._groups = list(groups.items())
         else:
             self._groups = [(n, [i]) for i, n in enumerate(self._names)]
-        owners = {f"{m}.{p}" if m else p: mod for m, mod in pl_module.named_modules()
-                  for p, _ in mod.named_parameters(recurse=False)}
+        owners = owners_of(pl_module)
         # weights of Linear/Conv layers in registration order: the layers the diagnoses compare
         self._weight_layers = [i for i, n in enumerate(self._names)
                                if n.endswith("weight") and isinstance(owners.get(n), _WEIGHT_LAYERS)]
@@ -501,6 +506,18 @@ class GradientStatsMonitor(MonitorCallback):
                              f"give 0.33-2): weights initialised "
                              f"{'to zero, so units stay identical' if rule == 'init_zero' else 'far too large'}; "
                              f"use the layer's default or a He/Xavier init."))
+        # token embeddings that all start at 0 are all alike: nothing tells the tokens apart at the input (a
+        # tied output layer starts from zero logits too); a padding row alone at 0 is the usual case, not this
+        embeddings = [(n, p) for n, p in zip(self._names, self._params) if not is_lazy(p) and p.dim() == 2
+                      and isinstance(owners_of(pl_module).get(n), torch.nn.Embedding)]
+        zeros = [n for n, p in embeddings if p.numel() > 1 and not bool(p.detach().any())]
+        if zeros:
+            self.raise_alert(
+                trainer, pl_module, rule="init_zero", severity="warning", subject=zeros[0], value=0.0,
+                threshold=0.0,
+                message=(f"embedding '{zeros[0]}' starts with every value 0: every token has the same embedding, "
+                         f"so nothing tells the tokens apart at the input (and a tied output layer starts from "
+                         f"all-zero logits); use nn.Embedding's default or a normal init (std 0.02 in GPT-2)."))
 
     def _check_frozen_at_init(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                               frozen: List[Tuple[str, torch.nn.Parameter]]) -> None:
