@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# The pinned CPU build first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,examples]"
+	# ... and kept: the extras (lightning, transformers, ...) install against the torch already there.
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[dev,examples]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -20,8 +22,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) examples/train.py
 
+# The tests, then the public-API tests again under `import lightning as L`: with LIGHTWATCH_TEST_LIGHTNING=lightning
+# every `pytorch_lightning` import in the tests is `lightning.pytorch` (tests/conftest.py), and lightwatch's
+# callbacks are bound to it.
+API_TESTS := tests/test_gradient_stats.py tests/test_activation_stats.py tests/test_metric_monitor.py \
+	tests/test_metric_checkpoint.py tests/test_data_quality.py tests/test_hydra.py tests/test_diagnoses.py \
+	tests/test_loggers.py
+
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	LIGHTWATCH_TEST_LIGHTNING=lightning OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not ddp" $(API_TESTS)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/overhead.py
@@ -34,11 +44,12 @@ CAL_PY := $(CAL_VENV)/bin/python
 CAL_STAMP := $(CAL_VENV)/.installed
 CAL_ARGS ?= --jobs 2
 
-$(CAL_STAMP): pyproject.toml Makefile bench/calibration/constraints.txt
+$(CAL_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(CAL_VENV)
 	$(CAL_PY) -m pip install --quiet --upgrade pip
 	$(CAL_PY) -m pip install --quiet "$(TORCH)"
-	$(CAL_PY) -m pip install --quiet -c bench/calibration/constraints.txt -e ".[dev,calibration]"
+	$(CAL_PY) -c "import torch; print('torch==' + torch.__version__)" > $(CAL_VENV)/constraints.txt
+	$(CAL_PY) -m pip install --quiet -c $(CAL_VENV)/constraints.txt -e ".[dev,calibration]"
 	touch $(CAL_STAMP)
 
 calibration: $(CAL_STAMP)

@@ -7,11 +7,48 @@ import os
 import warnings
 from typing import Any, Dict, List
 
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
 import pytest
-import pytorch_lightning as pl
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+
+
+class _LightningAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``import pytorch_lightning[.x]`` give ``lightning.pytorch[.x]`` (and ``lightning_fabric`` give
+    ``lightning.fabric``): the same tests then run against the ``import lightning as L`` package, with
+    lightwatch's callbacks bound to it. Set ``LIGHTWATCH_TEST_LIGHTNING=lightning`` to use it."""
+
+    ALIASES = (("pytorch_lightning", "lightning.pytorch"), ("lightning_fabric", "lightning.fabric"))
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        for alias, real in self.ALIASES:
+            if name == alias or name.startswith(alias + "."):
+                return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec: Any) -> Any:
+        for alias, real in self.ALIASES:
+            if spec.name == alias or spec.name.startswith(alias + "."):
+                module = importlib.import_module(real + spec.name[len(alias):])
+                sys.modules[spec.name] = module
+                return module
+        return None
+
+    def exec_module(self, module: Any) -> None:
+        pass  # the real module is already executed
+
+
+#: which Lightning package these tests run against: "pytorch_lightning" (default) or "lightning"
+LIGHTNING = os.environ.get("LIGHTWATCH_TEST_LIGHTNING", "pytorch_lightning")
+if LIGHTNING == "lightning":
+    sys.meta_path.insert(0, _LightningAlias())
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -40,7 +40,7 @@ from lightwatch.core.atomic import (
     sha256_path,
     temp_path_for,
 )
-from lightwatch.core.callback import MonitorCallback
+from lightwatch.callbacks import MonitorCallback
 
 HERE = os.path.dirname(__file__)
 NAN = float("nan")

@@ -101,6 +101,14 @@ class RuleKind(Enum):
     trend = "trend"
 
 
+class LightningPackage(Enum):
+    """Which Lightning package the callbacks are bound to (see :mod:`lightwatch.core.lightning`)."""
+
+    auto = "auto"
+    pytorch_lightning = "pytorch_lightning"
+    lightning = "lightning"
+
+
 class CheckPoint(Enum):
     """When a rule is checked."""
 
@@ -436,6 +444,10 @@ class MonitorConf:
             ten sampling intervals, ``0`` turns histograms off.
         prefix: first part of every TensorBoard tag (``<prefix>.grad/...``).
         nonfinite_action: what a NaN/Inf finding does (``log``, ``warn``, ``stop``, ``raise``, ...).
+        lightning: the package whose ``Trainer`` the callbacks are for: ``pytorch_lightning``
+            (``lightwatch.callbacks``), ``lightning`` (``import lightning as L``: ``lightwatch.lightning``), or
+            ``auto``: the one the app has imported, ``pytorch_lightning`` when it has imported both or neither
+            and is installed.
         grad_stats: :class:`GradStatsConf` or ``null``.
         act_stats: :class:`ActStatsConf` or ``null``.
         data_quality: :class:`DataQualityConf` or ``null``.
@@ -448,6 +460,7 @@ class MonitorConf:
     histogram_every_n_steps: Optional[int] = None
     prefix: str = "monitor"
     nonfinite_action: str = "warn"
+    lightning: LightningPackage = LightningPackage.auto
     grad_stats: Any = None
     act_stats: Any = None
     data_quality: Any = None
@@ -597,6 +610,25 @@ def _drop_unset_check_keys(container: Dict[str, Any]) -> Dict[str, Any]:
 _PREPARE = {"rules": _drop_unset_rule_keys, "data_quality": _drop_unset_check_keys}
 
 
+def _lightning_package(node: DictConfig) -> str:
+    """``pytorch_lightning`` or ``lightning.pytorch``, from the policy's ``lightning`` key."""
+    import sys
+
+    from lightwatch.core.lightning import default_package
+
+    choice = node.get("lightning", "auto") if "lightning" in node else "auto"
+    choice = str(getattr(choice, "value", choice))
+    if choice == "lightning":
+        return "lightning.pytorch"
+    if choice == "pytorch_lightning":
+        return "pytorch_lightning"
+    if choice != "auto":
+        raise MonitorConfigError(f"lightwatch: `{_where(node, 'lightning')}` must be auto, pytorch_lightning or "
+                                 f"lightning, got {choice!r}.")
+    imported = [p for p in ("pytorch_lightning", "lightning.pytorch") if sys.modules.get(p) is not None]
+    return imported[0] if len(imported) == 1 else default_package()
+
+
 def instantiate_monitors(cfg: Any) -> List["pl.Callback"]:
     """Build the callbacks of a composed ``monitor`` policy, after checking that nothing is left ``???``.
 
@@ -630,6 +662,7 @@ def instantiate_monitors(cfg: Any) -> List["pl.Callback"]:
     _check_missing(node)
     if "enabled" in node and not node.enabled:
         return []
+    package = _lightning_package(node)
     callbacks: List[Any] = []
     known = [key for key, _ in COMPONENTS]
     extra = [key for key in node.keys() if key not in known and key not in _POLICY_KEYS]
@@ -641,6 +674,9 @@ def instantiate_monitors(cfg: Any) -> List["pl.Callback"]:
             continue
         if key in _PREPARE:
             container = _PREPARE[key](container)
+        target = str(container.get("_target_", ""))
+        if package == "lightning.pytorch" and target.startswith("lightwatch.callbacks."):
+            container["_target_"] = "lightwatch.lightning." + target.rsplit(".", 1)[1]
         try:
             callbacks.append(instantiate(container))
         except InstantiationException as err:

@@ -31,7 +31,7 @@ from conftest import Classifier, make_loader  # noqa: E402
 
 import lightwatch.callbacks.metric_checkpoint as mc  # noqa: E402
 import lightwatch.core.atomic as atomic  # noqa: E402
-from lightwatch.core.callback import MonitorCallback  # noqa: E402
+from lightwatch.callbacks import MonitorCallback  # noqa: E402
 
 torch.set_num_threads(1)
 PHASES = ("mid_write", "before_commit", "after_pending_manifest", "mid_manifest", "after_rename", "before_delete")

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row, histogram_row, strided_sample
@@ -15,6 +15,9 @@ from lightwatch.core.readback import HostReadback
 from lightwatch.core.reduce import all_reduce_flat
 from lightwatch.core.runtime import logging_step
 from lightwatch.core.selection import Selection, top_k_subjects
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pytorch_lightning as pl
 
 __all__ = ["ActivationStatsMonitor", "first_tensor"]
 
@@ -113,7 +116,7 @@ def _saturation_mask(module: nn.Module) -> Optional[Callable[[torch.Tensor], tor
     return None
 
 
-class ActivationStatsMonitor(MonitorCallback):
+class _ActivationStatsMonitor(MonitorCallback):
     """Per-module statistics of activations (module outputs), from forward hooks on sampled steps.
 
     Written under ``monitor.act/<module>/<stat>`` every ``every_n_steps`` training steps:
@@ -671,3 +674,9 @@ class ActivationStatsMonitor(MonitorCallback):
 
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._active = False
+
+
+#: The class to add to ``Trainer(callbacks=[...])``: the implementation above bound to the installed
+#: Lightning package (``pytorch_lightning``, else ``lightning.pytorch``; ``lightwatch.lightning`` binds it to
+#: the latter).
+ActivationStatsMonitor = bind(_ActivationStatsMonitor, default_package(), "callback", module=__name__)

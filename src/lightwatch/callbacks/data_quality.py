@@ -24,19 +24,20 @@ See the README section "Data quality" for the checks, their defaults, the thresh
 from __future__ import annotations
 
 import logging
+import importlib
 import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
+from lightwatch.core.lightning import bind, default_package, package_of
 from lightwatch.core.alerts import SEVERITIES, Alert, MonitorError, alert_log, check_severity, severity_at_least
 from lightwatch.core.batch import BatchSelector, BatchSelectorError, Field, Selector
 from lightwatch.core.callback import MonitorCallback
@@ -61,6 +62,9 @@ from lightwatch.metrics import (
 from lightwatch.metrics.histogram import quantile_edges, strictly_increasing
 from lightwatch.metrics.label_signal import NeighbourLabelAgreement
 from lightwatch.profile import DataProfile, FieldProfile, ProfileError, SplitProfile, dtype_name, parse_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pytorch_lightning as pl
 
 __all__ = ["DataQualityMonitor", "CHECKS"]
 
@@ -615,7 +619,7 @@ def _finite_int(value: Any) -> Optional[int]:
         else None
 
 
-class DataQualityMonitor(MonitorCallback):
+class _DataQualityMonitor(MonitorCallback):
     """Data-quality checks on every batch, on the device, with profiles and drift across splits and runs.
 
     **Per-batch tier** (every batch, on the device, read once per logged step; an unlogged step costs one
@@ -1533,7 +1537,8 @@ class DataQualityMonitor(MonitorCallback):
     def _scan_sources(self, trainer: Any) -> List[Tuple[str, int, Any, List[Any], Optional[int]]]:
         """``(split, dataloader_idx, iterable, loaders, batches in an epoch)`` for the train split and each val
         dataloader, in the same order on every rank; streamed loaders are left out (with a note)."""
-        from pytorch_lightning.utilities.combined_loader import CombinedLoader
+        CombinedLoader = importlib.import_module(
+            f"{package_of(trainer).__name__}.utilities.combined_loader").CombinedLoader
 
         sources: List[Tuple[str, int, Any, List[Any], Optional[int]]] = []
         fit_loop = trainer.fit_loop
@@ -2655,3 +2660,9 @@ class DataQualityMonitor(MonitorCallback):
             self._profile = DataProfile.from_dict(state_dict.get("profile", {}), "<checkpoint>")
         except ProfileError as err:
             logger.warning("lightwatch: DataQualityMonitor could not restore its profile from the checkpoint: %s", err)
+
+
+#: The class to add to ``Trainer(callbacks=[...])``: the implementation above bound to the installed
+#: Lightning package (``pytorch_lightning``, else ``lightning.pytorch``; ``lightwatch.lightning`` binds it to
+#: the latter).
+DataQualityMonitor = bind(_DataQualityMonitor, default_package(), "callback", module=__name__)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-import pytorch_lightning as pl
 import torch
 from torch.nn.parameter import is_lazy
 
+from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row, histogram_row
@@ -16,6 +16,9 @@ from lightwatch.core.readback import HostReadback
 from lightwatch.core.reduce import agree_max, all_reduce_flat
 from lightwatch.core.runtime import is_sharded_strategy, learning_rates, local_tensor, logging_step, lr_rising
 from lightwatch.core.selection import Selection, top_k_subjects
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pytorch_lightning as pl
 
 __all__ = ["GradientStatsMonitor"]
 
@@ -49,7 +52,7 @@ def _norms(tensors: List[torch.Tensor], order: float = 2.0) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, order, dtype=torch.float32))
 
 
-class GradientStatsMonitor(MonitorCallback):
+class _GradientStatsMonitor(MonitorCallback):
     """Gradient and parameter statistics per parameter (or per module), written to TensorBoard.
 
     On sampled steps (every ``every_n_steps``) it reads the gradients in ``on_before_optimizer_step``, after
@@ -732,3 +735,9 @@ class GradientStatsMonitor(MonitorCallback):
             self._check_stale(trainer, pl_module)
         if self._readback.pending:
             self._publish(trainer, pl_module)
+
+
+#: The class to add to ``Trainer(callbacks=[...])``: the implementation above bound to the installed
+#: Lightning package (``pytorch_lightning``, else ``lightning.pytorch``; ``lightwatch.lightning`` binds it to
+#: the latter).
+GradientStatsMonitor = bind(_GradientStatsMonitor, default_package(), "callback", module=__name__)

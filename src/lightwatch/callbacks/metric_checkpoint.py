@@ -20,15 +20,14 @@ import string
 import uuid
 import warnings
 import weakref
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 from weakref import proxy
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Checkpoint
 from torch.nn.parameter import is_lazy
 
+from lightwatch.core.lightning import bind, default_package, package_of
 from lightwatch.core.actions import ActionContext, register_action
 from lightwatch.core.alerts import Alert, AlertCooldown, MonitorError, alert_log, severity_at_least
 from lightwatch.core.atomic import (
@@ -48,6 +47,9 @@ from lightwatch.core.atomic import (
 from lightwatch.core.reduce import agree_max, all_reduce_flat
 from lightwatch.core.runtime import distributed_ready, is_global_zero, is_sharded_strategy, local_tensor, logging_step
 from lightwatch.core.writer import MonitorWriter
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pytorch_lightning as pl
 
 __all__ = [
     "MetricCheckpoint",
@@ -275,7 +277,7 @@ def _parse_thresholds(thresholds: Any) -> Dict[str, Dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------- the callback
-class MetricCheckpoint(Checkpoint):
+class _MetricCheckpoint:
     """Save checkpoints on a monitored metric (top-k), thresholds, intervals, alerts and exceptions, safely.
 
     What it saves, and when (``reason`` in the manifest):
@@ -430,6 +432,9 @@ class MetricCheckpoint(Checkpoint):
         # Bookkeeping. Entries are the manifest's "checkpoints" records, in commit order.
         self._run = uuid.uuid4().hex
         self._entries: List[Dict[str, Any]] = []
+        # values Lightning (or a user) assigned to the attributes it writes on a checkpoint callback, as on
+        # ModelCheckpoint; they stand until the next commit changes the entries they were derived from
+        self._assigned: Dict[str, Any] = {}
         self._events: List[Dict[str, Any]] = []
         self._export_record: Optional[Dict[str, Any]] = None
         self._garbage: List[str] = []
@@ -470,34 +475,100 @@ class MetricCheckpoint(Checkpoint):
     @property
     def best_model_path(self) -> str:
         """Path of the best top-k checkpoint (the newest interval one without ``monitor``), or ``""``."""
+        if "best_model_path" in self._assigned:
+            return self._assigned["best_model_path"]
         entry = self._best_entry()
         return self._abs(entry["file"]) if entry else ""
 
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        # Lightning sets it in the main process after `ddp_spawn` trained in workers: this instance then has
+        # no entries of its own, so it reads the manifest the workers committed beside that file
+        value = str(value or "")
+        if value and not self._entries:
+            self._adopt_manifest(os.path.dirname(value))
+        entry = self._best_entry()
+        if not (entry and os.path.realpath(self._abs(entry["file"])) == os.path.realpath(value)):
+            self._assigned["best_model_path"] = value
+
     @property
     def best_model_score(self) -> Optional[torch.Tensor]:
+        if "best_model_score" in self._assigned:
+            return self._assigned["best_model_score"]
         entry = self._best_entry()
         return None if entry is None or entry.get("score") is None else torch.tensor(float(entry["score"]))
 
+    @best_model_score.setter
+    def best_model_score(self, value: Optional[torch.Tensor]) -> None:
+        self._assigned["best_model_score"] = value
+
     @property
     def last_model_path(self) -> str:
+        if "last_model_path" in self._assigned:
+            return self._assigned["last_model_path"]
         entries = self._pool("last")
         return self._abs(entries[-1]["file"]) if entries else ""
 
+    @last_model_path.setter
+    def last_model_path(self, value: str) -> None:
+        self._assigned["last_model_path"] = str(value or "")
+
     @property
     def best_k_models(self) -> Dict[str, torch.Tensor]:
+        if "best_k_models" in self._assigned:
+            return self._assigned["best_k_models"]
         return {self._abs(e["file"]): torch.tensor(float(e["score"])) for e in self._pool("top_k")}
+
+    @best_k_models.setter
+    def best_k_models(self, value: Dict[str, torch.Tensor]) -> None:
+        self._assigned["best_k_models"] = dict(value)
 
     @property
     def kth_best_model_path(self) -> str:
+        if "kth_best_model_path" in self._assigned:
+            return self._assigned["kth_best_model_path"]
         pool = self._ranked_top_k()
         return self._abs(pool[-1]["file"]) if pool else ""
 
+    @kth_best_model_path.setter
+    def kth_best_model_path(self, value: str) -> None:
+        self._assigned["kth_best_model_path"] = str(value or "")
+
     @property
     def kth_value(self) -> torch.Tensor:
+        if "kth_value" in self._assigned:
+            return self._assigned["kth_value"]
         pool = self._ranked_top_k()
         if pool:
             return torch.tensor(float(pool[-1]["score"]))
         return torch.tensor(math.inf if self.mode == "min" else -math.inf)
+
+    @kth_value.setter
+    def kth_value(self, value: torch.Tensor) -> None:
+        self._assigned["kth_value"] = value
+
+    def _adopt_manifest(self, directory: str) -> None:
+        """Take the verified entries of the manifest in ``directory`` (read only; nothing is moved or deleted).
+
+        For an instance that did not train itself: the main process of ``ddp_spawn``, whose workers committed
+        the files. Entries whose file is missing or has another size are left out.
+        """
+        path = os.path.join(directory, MANIFEST_NAME)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                manifest = json.load(fh)
+        except (OSError, ValueError):
+            return
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("checkpoints"), list):
+            return
+        if self.dirpath is None:
+            self.dirpath = directory
+        elif os.path.realpath(self.dirpath) != os.path.realpath(directory):
+            return
+        entries = [dict(e) for e in manifest["checkpoints"] if isinstance(e, dict) and e.get("file")]
+        self._entries = [e for e in entries if not self._verify_entry(e, full_hash=False)]
+        self._run = str(manifest.get("run") or self._run)
+        self._events = list(manifest.get("events") or [])
 
     @property
     def _last_checkpoint_saved(self) -> str:  # read by Lightning loggers (e.g. WandbLogger)
@@ -584,7 +655,7 @@ class MetricCheckpoint(Checkpoint):
         self.dirpath = dirpath
         if stage != "fit":
             return
-        others = [cb for cb in trainer.callbacks if isinstance(cb, MetricCheckpoint) and cb is not self]
+        others = [cb for cb in trainer.callbacks if isinstance(cb, _MetricCheckpoint) and cb is not self]
         for other in others:
             if other.dirpath and os.path.realpath(other.dirpath) == os.path.realpath(dirpath):
                 raise ValueError(f"MetricCheckpoint: two MetricCheckpoint callbacks write to {dirpath!r}; each needs "
@@ -705,6 +776,10 @@ class MetricCheckpoint(Checkpoint):
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # `trainer.validate/test(ckpt_path="best")` after a fit in this process loads a checkpoint whose copy of
+        # the entries predates the file itself (it is committed after it is written): this run's own entries
+        # are newer, and stay
+        newer = [dict(e) for e in self._entries] if self._entries and state_dict.get("run") == self._run else None
         self._state_loaded = True
         self._run = str(state_dict.get("run", self._run))
         self._seq = int(state_dict.get("seq", 0))
@@ -723,7 +798,7 @@ class MetricCheckpoint(Checkpoint):
             self._entries = []
         else:
             # Only a fallback: the manifest in dirpath is read on train start and is the record of truth.
-            self._entries = [dict(e) for e in state_dict.get("entries", [])]
+            self._entries = newer if newer is not None else [dict(e) for e in state_dict.get("entries", [])]
 
     # ------------------------------------------------------------------------------- checks / saves
     def _check(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", trigger: Optional[str]) -> None:
@@ -1059,6 +1134,7 @@ class MetricCheckpoint(Checkpoint):
                 e["pinned"] = True
             entries.append(e)
         self._entries = entries + list(plan["new"])
+        self._assigned.clear()
         self._taken |= {e["file"] for e in plan["new"]} | set(renamed.values())
         self._saves += 1
         self._errors_since_save = 0
@@ -1106,7 +1182,7 @@ class MetricCheckpoint(Checkpoint):
         avoids that plugin's staging of the whole file in RAM and in the system temp directory. Other
         plugins and strategies (sharded ones) write through ``strategy.save_checkpoint`` to the temporary path.
         """
-        from pytorch_lightning.strategies import Strategy
+        Strategy = package_of(trainer).strategies.Strategy
 
         strategy = trainer.strategy
         io = getattr(strategy, "checkpoint_io", None)
@@ -1230,6 +1306,7 @@ class MetricCheckpoint(Checkpoint):
                                f"{payload['error']}. Check that dirpath is a writable local directory.")
         self._run = payload["run"]
         self._entries = payload["entries"]
+        self._assigned.clear()
         self._events = payload["events"]
         self._export_record = payload["export"]
         self._taken = set(payload["taken"])
@@ -1389,9 +1466,7 @@ class MetricCheckpoint(Checkpoint):
 
     @staticmethod
     def _fitting(trainer: "pl.Trainer") -> bool:
-        from pytorch_lightning.trainer.states import TrainerFn
-
-        return trainer.state.fn == TrainerFn.FITTING
+        return str(getattr(trainer.state.fn, "value", trainer.state.fn)) == "fit"
 
     def _epoch_due(self, trainer: "pl.Trainer") -> bool:
         n = self._every_n_epochs
@@ -1440,7 +1515,7 @@ _WARNED_NO_CHECKPOINT: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 def _checkpoint_action(ctx: ActionContext) -> None:
     """The ``checkpoint`` action: ask every ``MetricCheckpoint`` of the Trainer to save at the next safe point."""
-    found = [cb for cb in getattr(ctx.trainer, "callbacks", []) if isinstance(cb, MetricCheckpoint)]
+    found = [cb for cb in getattr(ctx.trainer, "callbacks", []) if isinstance(cb, _MetricCheckpoint)]
     for cb in found:
         cb.request_save("alert", ctx.alert)
     if not found and ctx.trainer not in _WARNED_NO_CHECKPOINT:
@@ -1455,3 +1530,9 @@ def _checkpoint_action(ctx: ActionContext) -> None:
 
 register_action("checkpoint", _checkpoint_action, changes_control_flow=True,
                 description="save a checkpoint with MetricCheckpoint at the next safe point")
+
+
+#: The class to add to ``Trainer(callbacks=[...])``: the implementation above bound to the installed
+#: Lightning package (``pytorch_lightning``, else ``lightning.pytorch``; ``lightwatch.lightning`` binds it to
+#: the latter).
+MetricCheckpoint = bind(_MetricCheckpoint, default_package(), "checkpoint", module=__name__)

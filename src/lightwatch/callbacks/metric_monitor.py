@@ -4,11 +4,11 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
-import pytorch_lightning as pl
 import torch
 
+from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.actions import MonitorWarning
 from lightwatch.core.alerts import alert_log
 from lightwatch.core.callback import MonitorCallback
@@ -24,6 +24,9 @@ from lightwatch.core.reduce import all_reduce_flat
 from lightwatch.core.rules import Firing, MetricStats, Rule, RuleSet, plain
 from lightwatch.core.runtime import (distributed_ready, is_sharded_strategy, learning_rates, local_tensor, logging_step,
                                     lr_rising)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pytorch_lightning as pl
 
 __all__ = ["MetricMonitor", "default_rules"]
 
@@ -126,7 +129,7 @@ def default_rules(prefix: str = "monitor") -> Dict[str, Dict[str, Any]]:
     }
 
 
-class MetricMonitor(MonitorCallback):
+class _MetricMonitor(MonitorCallback):
     """Rules over any value in ``trainer.callback_metrics``, turned into alerts and actions.
 
     Each rule names a metric (a ``self.log`` key such as ``val/loss``, a lightwatch statistic such as
@@ -982,3 +985,8 @@ def _fitting(trainer: Any) -> bool:
     fn = getattr(getattr(trainer, "state", None), "fn", None)
     return fn is None or str(getattr(fn, "value", fn)) == "fit"
 
+
+#: The class to add to ``Trainer(callbacks=[...])``: the implementation above bound to the installed
+#: Lightning package (``pytorch_lightning``, else ``lightning.pytorch``; ``lightwatch.lightning`` binds it to
+#: the latter).
+MetricMonitor = bind(_MetricMonitor, default_package(), "callback", module=__name__)

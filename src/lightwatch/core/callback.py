@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, FrozenSet, Optional, Sequence, Tuple
-
-import pytorch_lightning as pl
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Optional, Sequence, Tuple
 
 from lightwatch.core.actions import ActionContext, check_action, run_action
 from lightwatch.core.alerts import Alert, AlertCooldown, alert_log, check_severity
 from lightwatch.core.runtime import logging_step
 from lightwatch.core.writer import MonitorWriter
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pytorch_lightning as pl
 
 __all__ = ["MonitorCallback", "DEFAULT_EVERY_N_STEPS"]
 
@@ -26,8 +27,11 @@ def _check_positive(value: Optional[int], name: str, where: str, allow_zero: boo
     return int(value)
 
 
-class MonitorCallback(pl.Callback):
+class MonitorCallback:
     """Shared machinery of the lightwatch monitors (not used on its own).
+
+    A plain class: each monitor is bound to a Lightning package's ``Callback`` by
+    :func:`lightwatch.core.lightning.bind`, whose hooks the ``super()`` calls here reach.
 
     The gate is decided once per training step in ``on_train_batch_start``: the step is *sampled* when
     ``(step + 1) % every_n_steps == 0``, which is exactly when Lightning writes ``self.log`` values, so the
