@@ -37,33 +37,8 @@ def quiet() -> None:
         pass
 
 
-_POLICY_CACHE: Dict[str, Any] = {}
-
-
-def policy_callbacks(policy: str = "default") -> List[Any]:
-    """Fresh callbacks of lightwatch's Hydra policy, composed as ``bench/diagnosis.py``'s
-    ``policy_callbacks`` does (``lightwatch.conf`` + ``+monitor=<policy>``, then
-    ``lightwatch.hydra.instantiate_monitors``); no fallback: a policy that does not compose is an error."""
-    from lightwatch.hydra import instantiate_monitors
-
-    if policy not in _POLICY_CACHE:
-        from hydra import compose, initialize_config_module
-        from hydra.core.global_hydra import GlobalHydra
-
-        GlobalHydra.instance().clear()
-        with initialize_config_module("lightwatch.conf", version_base="1.3"):
-            _POLICY_CACHE[policy] = compose(overrides=[f"+monitor={policy}"])
-    return list(instantiate_monitors(_POLICY_CACHE[policy].monitor))
-
-
-def read_alerts(log_dir: Optional[str]) -> List[Dict[str, Any]]:
-    if not log_dir:
-        return []
-    path = os.path.join(log_dir, "alerts.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+# the same Hydra policy build and alerts.jsonl reader as the calibration corpus
+from bench.calibration.runner import policy_callbacks, read_alerts  # noqa: E402,F401
 
 
 def at_least(severity: str, minimum: str) -> bool:

@@ -702,11 +702,7 @@ class _MetricMonitor(MonitorCallback):
             cause = self._earlier_cause(trainer)
             if cause is not None:
                 self._learning_checked = True
-                self.raise_alert(
-                    trainer, pl_module, rule=cause.rule, severity="warning", action="warn", subject=cause.subject,
-                    value=ratio, threshold=_LEARNING_RATIO, message=(
-                        f"{head}, and at step {cause.step} {cause.source} found: {cause.message} That is the likely "
-                        f"cause."))
+                self._raise_cause(trainer, pl_module, cause, head, ratio)
                 return
         if z >= _LEARNING_DECLINE_Z:
             self._flat_evaluations = 0
@@ -725,11 +721,8 @@ class _MetricMonitor(MonitorCallback):
         self._learning_checked = True
         cause = self._earlier_cause(trainer)
         if cause is not None:
-            self.raise_alert(
-                trainer, pl_module, rule=cause.rule, severity="warning", action="warn", subject=cause.subject,
-                value=ratio, threshold=_LEARNING_RATIO, message=(
-                    f"{head}, flat on its own noise since step {step // 2}, and at step {cause.step} {cause.source} "
-                    f"found: {cause.message} That is the likely cause."))
+            self._raise_cause(trainer, pl_module, cause, f"{head}, flat on its own noise since step {step // 2}",
+                              ratio)
             return
         self.raise_alert(
             trainer, pl_module, rule=_NOT_LEARNING, severity="warning", action="warn", subject=self.loss_metric,
@@ -741,6 +734,13 @@ class _MetricMonitor(MonitorCallback):
                 f"small for the task. Check that inputs and labels are paired correctly; if the loss is expected "
                 f"to stay flat (fine-tuning a converged model), drop the check with "
                 f"rules={{'{_NOT_LEARNING}': None}}."))
+
+    def _raise_cause(self, trainer: Any, pl_module: Any, cause: Any, head: str, ratio: float) -> None:
+        """The not-learning verdict under the name of the earlier finding that explains it, at ``warning``."""
+        self.raise_alert(
+            trainer, pl_module, rule=cause.rule, severity="warning", action="warn", subject=cause.subject,
+            value=ratio, threshold=_LEARNING_RATIO, message=(
+                f"{head}, and at step {cause.step} {cause.source} found: {cause.message} That is the likely cause."))
 
     @staticmethod
     def _earlier_cause(trainer: Any) -> Optional[Any]:
