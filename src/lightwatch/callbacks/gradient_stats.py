@@ -27,8 +27,9 @@ _WEIGHT_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 # The per-step norms of one interval live in a device ring of this many entries at most: with a longer interval
 # `norm_max` and `nonfinite_steps` cover its last steps only, and memory stays bounded whatever the interval.
 _RING_MAX = 4096
-# update_ratio_high: the median over the weight tensors of ||dW|| / ||W||, at the first check after step 0 (after
-# a warmup). Healthy runs: at most 0.046 across the calibration corpus's families (the fault suite: 0.058 for the
+# update_ratio_high: the median over the weight tensors of ||dW|| / ||W||, at the first check after step 0 (a warmup
+# too: with Adam a rate far too high moves every weight ~20% a step early, then the weights' norms grow and the
+# ratio falls, so a later check would miss it). Healthy runs: at most 0.046 across the calibration corpus's families (the fault suite: 0.058 for the
 # fastest layer); a learning rate x100: at least 0.19 in every layer. Single layers of healthy recipes read up to
 # 0.37 (a fresh head of small norm: torchvision resnet18's fc with SGD momentum, an LSTM LM's decoder with SGD at
 # lr 20), so one fast layer alone is `info`.
@@ -667,8 +668,9 @@ class _GradientStatsMonitor(MonitorCallback):
                                  f"or set requires_grad=False on them if they are meant to stay fixed."))
         lrs = learning_rates(trainer)
         warming_up, self._lrs = lr_rising(self._lrs, lrs), lrs
-        ratios = [(math.sqrt(delta_sq[i] / before_sq[i]), i) for i in layers
-                  if self.track_update_ratio and before_sq[i] > 0 and math.isfinite(delta_sq[i])]
+        # every weight tensor, not only Linear/Conv ones: HF's GPT-2 is made of Conv1D, an LSTM of its own weights
+        ratios = [(math.sqrt(delta_sq[i] / before_sq[i]), i) for i in self._matrices
+                  if present[i] and self.track_update_ratio and before_sq[i] > 0 and math.isfinite(delta_sq[i])]
         if step == 0 and ratios:
             self._first_update = max(ratios)  # the update of step 0: read only to explain a network that died
         if step > 0 and not self._ratio_checked:
@@ -691,8 +693,6 @@ class _GradientStatsMonitor(MonitorCallback):
                             f"its norm, and by step {step} no weight moves any more ({ratio:.2g}): the first updates "
                             f"were so large that they killed the network (units dead, gradients zero). The learning "
                             f"rate is far too high; lower it about 10x, or warm it up."))
-                elif warming_up:  # the rate is still rising: judge the step size once it is reached
-                    self._ratio_checked = False
                 elif typical is not None and typical[0] > _RATIO_HIGH:
                     self.raise_alert(
                         trainer, pl_module, rule="update_ratio_high", severity="warning", subject=self._names[i],
@@ -701,6 +701,8 @@ class _GradientStatsMonitor(MonitorCallback):
                                  f"its norm (the median over {typical[1]} weight tensors; '{self._names[i]}' "
                                  f"{100 * ratio:.3g}%; healthy runs 0.2-5%): the learning rate is likely far too "
                                  f"high; lower it about 10x."))
+                elif ratio < 3e-3 and warming_up:  # small steps are the point of a warmup: judge after it
+                    self._ratio_checked = False
                 elif ratio > _RATIO_HIGH:
                     self.raise_alert(
                         trainer, pl_module, rule="update_ratio_high", severity="info", subject=self._names[i],
