@@ -496,6 +496,37 @@ def format_report(summary: Dict[str, Any], show_info: bool = False) -> str:
     return "\n".join(parts)
 
 
+def write_markdown(path: str, summary: Dict[str, Any]) -> None:
+    """The per-family table of every mode, the totals, and the healthy ranges of the diagnosis readings."""
+    modes = list(summary)
+    first = summary[modes[0]]["families"]
+    lines = ["| family | held out | loss first->last | val metric init->final | "
+             + " | ".join(f"{m}: runs with warning+" for m in modes) + " |",
+             "|" + "---|" * (4 + len(modes))]
+    for i, r in enumerate(first):
+        cells = [r["family"], r["held_out"], f"{_fmt(r['loss_first'])}->{_fmt(r['loss_last'])}",
+                 f"{r['metric']} {_fmt(r['metric_init'])}->{_fmt(r['metric_final'])}"]
+        for m in modes:
+            row = next((x for x in summary[m]["families"] if x["family"] == r["family"]), None)
+            fired = "; ".join(f"{k} {v['runs']}" for k, v in row["rules"].items()) if row else ""
+            cells.append(f"{row['runs_warning_plus']}/{row['runs']}" + (f" ({fired})" if fired else "") if row else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| mode | tuning runs with warning+ | held-out runs with warning+ | all |", "|---|---|---|---|"]
+    for m in modes:
+        t = summary[m]["totals"]
+        lines.append(f"| {m} | " + " | ".join(f"{t[k]['runs_warning_plus']} of {t[k]['runs']}"
+                                            for k in ("tuning", "held_out", "all")) + " |")
+    lines += ["", "| family | " + " | ".join(t.split("/", 1)[1] for t in DIAG_TAGS) + " |",
+              "|" + "---|" * (1 + len(DIAG_TAGS))]
+    for r in summary[modes[0]]["families"]:
+        d = r.get("diag") or {}
+        lines.append("| " + " | ".join([r["family"]] + [f"{_fmt(d[t]['min'])}..{_fmt(d[t]['max'])}" if t in d
+                                                        else "-" for t in DIAG_TAGS]) + " |")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------- cli
 def parse_seeds(text: str) -> List[int]:
     seeds: List[int] = []
@@ -524,6 +555,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
     ap.add_argument("--info", action="store_true", help="also list info alerts per rule with counts")
     ap.add_argument("--list", action="store_true", help="list the families and exit")
+    ap.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
+    ap.add_argument("--tables-from", default=None, help="re-tabulate an earlier results.json (no training)")
     args = ap.parse_args(argv)
     quiet()
 
@@ -532,6 +565,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ok, missing = f.available()
             print(f"{name:22s} held_out={'yes' if f.held_out else 'seeds>=5'} steps={f.default_steps} "
                   f"{'' if ok else '(missing: ' + missing + ') '}{f.description}")
+        return 0
+    if args.tables_from:
+        with open(args.tables_from, encoding="utf-8") as fh:
+            earlier = json.load(fh)
+        summary = summarise(earlier["runs"])
+        print(format_report(summary, show_info=args.info))
+        if args.markdown:
+            write_markdown(args.markdown, summary)
         return 0
     if args.families == "all":
         families = [n for n, f in FAMILIES.items() if f.available()[0]]
@@ -565,6 +606,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(dict(wall_seconds=result["wall_seconds"], summary=summary), indent=1, default=str))
     else:
         print(format_report(summary, show_info=args.info))
+        if args.markdown:
+            write_markdown(args.markdown, summary)
         print(f"\n{len(records)} runs in {wall:.0f} s; records in {os.path.join(args.out, 'runs')}, "
               f"summary in {os.path.join(args.out, 'results.json')}")
     return 0
