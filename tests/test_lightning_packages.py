@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,9 +41,16 @@ def run_script(tmp_path: Any, package: str, strategy: str) -> Dict[str, Any]:
                    script]
     else:
         command = [sys.executable, script]
-    done = subprocess.run(command + [str(tmp_path), package, strategy], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # its own process group: on a timeout the launcher's workers are killed with it, not left running
+    proc = subprocess.Popen(command + [str(tmp_path), package, strategy], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"{strategy} with {package} did not finish in 300 s: {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
     with open(os.path.join(tmp_path, "report.json")) as fh:
         return json.load(fh)
 
