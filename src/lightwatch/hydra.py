@@ -616,7 +616,7 @@ def _lightning_package(node: DictConfig) -> str:
 
     from lightwatch.core.lightning import default_package
 
-    choice = node.get("lightning", "auto") if "lightning" in node else "auto"
+    choice = node.get("lightning", "auto")
     choice = str(getattr(choice, "value", choice))
     if choice == "lightning":
         return "lightning.pytorch"

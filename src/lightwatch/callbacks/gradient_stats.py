@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,6 +42,13 @@ _VANISHING = 5e-3
 _RATIO_MIN_TENSORS = 3  # the median needs this many weight tensors; with fewer one layer's own scale decides
 
 
+def _median_of(moves: List[Tuple[float, int]]) -> Optional[Tuple[float, int]]:
+    """The median update ratio over the weight tensors (at least 3), and their count; else None."""
+    if len(moves) < _RATIO_MIN_TENSORS:
+        return None
+    return statistics.median(r for r, _ in moves), len(moves)
+
+
 def owners_of(module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     """Parameter name -> the module that holds it."""
     return {f"{m}.{p}" if m else p: mod for m, mod in module.named_modules()
@@ -77,22 +85,26 @@ class _GradientStatsMonitor(MonitorCallback):
     FSDP each rank sums its shard and one SUM plus one MAX all-reduce of a flat buffer gives exact norms.
     A non-finite gradient raises the alert ``grad_nonfinite`` naming the parameters.
 
-    Diagnoses (``diagnose=True``), with thresholds set from the fault suite in ``bench/faults`` (healthy
-    range in brackets): at fit start, ``init_zero`` / ``init_large`` when a Linear/Conv weight's variance
-    times its fan-in is below 1e-6 or above 20 (default inits give 0.33-2), ``frozen_parameters``
-    (info), and ``frozen_at_init`` (warning) for frozen tensors of at least 1,024 values that still read as a
-    fresh uniform random initialisation (a statistical test, :mod:`lightwatch.core.init_signature`;
-    pretrained layers are not uniform, so fine-tuning stays quiet); in the first three steps, ``grad_stale``
-    when gradients are non-zero before backward at the start of an accumulation window (a forgotten
-    ``zero_grad``; error); at the first sampled step (step 0, the model as initialised, with
-    ``check_first_step``), ``grad_missing`` (info) for trainable parameters without a gradient; at the first sampled step after step 0, ``update_ratio_high`` when a weight moves
-    more than 10% in one step ([0.013, 0.058]; warning), ``update_ratio_low`` below 0.3% (info: fine-tuning
-    legitimately moves weights slowly; warning below 0.01%, where nothing learns); and at any sampled step,
-    step 0 included, ``grad_vanishing`` when the first weight layer's gradient norm is below 1e-3 of the
-    last one's ([0.05, 21]; warning). Update ratios wait for a later step because Adam's first updates are
-    about ``lr`` per element whatever the gradient, so step 0 says little about the learning rate; and while
-    the learning rate is rising (a warmup) small updates are the intent, so ``update_ratio_low`` waits for
-    the first check after the rise. A step-0 update above 10% followed by no movement at all (< 0.01%) at the
+    Diagnoses (``diagnose=True``), with thresholds set on the fault suite (``bench/faults``) and checked on the
+    calibration corpus of third-party model families (``bench/calibration``; healthy range in brackets): at
+    fit start, ``init_zero`` / ``init_large`` when a Linear/Conv weight's variance times its fan-in is below
+    1e-6 or above 20 (default inits give 0.33-2) or an embedding is all zeros, ``frozen_parameters`` (info),
+    and ``frozen_at_init`` (warning) for frozen tensors of at least 1,024 values that still read as a fresh
+    uniform random initialisation (a statistical test, :mod:`lightwatch.core.init_signature`; pretrained layers
+    are not uniform, so fine-tuning stays quiet); in the first three steps, ``grad_stale`` when gradients are
+    non-zero before backward at the start of an accumulation window (a forgotten ``zero_grad``; error); at the
+    first sampled step (step 0, the model as initialised, with ``check_first_step``), ``grad_missing`` (info)
+    for parameters of the optimizer being stepped without a gradient, ``param_not_in_optimizer`` (warning) for
+    parameters with a gradient that no optimizer holds, and ``batchnorm_eval`` for BatchNorm layers in eval
+    mode during training (warning with running statistics never collected, else info); at the first sampled
+    step after step 0, ``update_ratio_high`` when the median over the weight tensors moves more than 10% in
+    one step ([0, 0.046] across the calibration families; warning; one fast layer alone is info),
+    ``update_ratio_low`` when even the fastest moves below 0.3% (info: fine-tuning legitimately moves weights
+    slowly; warning below 0.01%, where nothing learns); and at any sampled step, step 0 included,
+    ``grad_vanishing`` when the largest gradient norm of the first quarter of the weight layers is below 5e-3
+    of the median layer's ([0.06, ...]; warning). While the learning rate is rising (a warmup) small updates
+    are the intent, so ``update_ratio_low`` waits for the first check after the rise. A step-0 update above
+    10% followed by no movement at all (< 0.01%) at the
     first check is ``update_ratio_high``: the first steps killed the network, which is not a rate too low.
 
     Args:
@@ -406,10 +418,11 @@ class _GradientStatsMonitor(MonitorCallback):
                     continue
                 scalars[self.writer.tag(family, name, stat)] = value
         # the readings the diagnoses judge, so their healthy range can be read back from any run
-        overall = self._overall_update_ratio(present, before_sq, delta_sq) if step > 0 else None
+        moves = self._update_ratios(present, before_sq, delta_sq)
+        overall = self._overall_update_ratio(moves, before_sq, delta_sq) if step > 0 else None
         if overall is not None:
             scalars[self.writer.tag("diag", "update_ratio", "all_layers")] = overall
-        typical = self._median_update_ratio(present, before_sq, delta_sq) if step > 0 else None
+        typical = _median_of(moves) if step > 0 else None
         if typical is not None:
             scalars[self.writer.tag("diag", "update_ratio", "median")] = typical[0]
         depth = self._depth_ratio(present, grad_sq)
@@ -430,7 +443,7 @@ class _GradientStatsMonitor(MonitorCallback):
             self.writer.write_histograms(trainer, hists, step)
 
         if self.diagnose:
-            self._diagnose_step(trainer, pl_module, step, present, grad_sq, before_sq, delta_sq)
+            self._diagnose_step(trainer, pl_module, step, present, moves, typical, depth)
         if flagged:
             names = ", ".join(flagged[:10]) + (" ..." if len(flagged) > 10 else "")
             total_bad = sum(s["grad.nonfinite"] for n_, s in subjects if n_ in flagged)
@@ -443,24 +456,22 @@ class _GradientStatsMonitor(MonitorCallback):
             )
 
     # ----------------------------------------------------------------------------- diagnoses
-    def _median_update_ratio(self, present: List[float], before_sq: List[float],
-                             delta_sq: List[float]) -> Optional[Tuple[float, int]]:
-        """The median ||dW|| / ||W|| over the weight tensors (at least 3), and their count; else None."""
-        values = sorted(math.sqrt(delta_sq[j] / before_sq[j]) for j in self._matrices
-                        if present[j] and before_sq[j] > 0 and math.isfinite(delta_sq[j]))
-        if len(values) < _RATIO_MIN_TENSORS:
-            return None
-        mid = len(values) // 2
-        return (values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])), len(values)
+    def _update_ratios(self, present: List[float], before_sq: List[float],
+                       delta_sq: List[float]) -> List[Tuple[float, int]]:
+        """``(||dW|| / ||W||, index)`` of every weight tensor (2 or more dimensions: Linear, Conv, recurrent,
+        embedding, attention projections; HF's Conv1D too) that has a gradient, read once per check."""
+        if not self.track_update_ratio:
+            return []
+        return [(math.sqrt(delta_sq[j] / before_sq[j]), j) for j in self._matrices
+                if present[j] and before_sq[j] > 0 and math.isfinite(delta_sq[j])]
 
-    def _overall_update_ratio(self, present: List[float], before_sq: List[float],
+    @staticmethod
+    def _overall_update_ratio(moves: List[Tuple[float, int]], before_sq: List[float],
                               delta_sq: List[float]) -> Optional[float]:
-        """||dW|| / ||W|| over every weight tensor (2 or more dimensions: Linear, Conv, recurrent, embedding,
-        attention projections) that has a gradient: how far one step moves the network."""
-        moved = [j for j in self._matrices if present[j] and before_sq[j] > 0 and math.isfinite(delta_sq[j])]
-        if not self.track_update_ratio or not moved:
+        """||dW|| / ||W|| over the same tensors together: how far one step moves the network."""
+        if not moves:
             return None
-        return math.sqrt(sum(delta_sq[j] for j in moved) / sum(before_sq[j] for j in moved))
+        return math.sqrt(sum(delta_sq[j] for _, j in moves) / sum(before_sq[j] for _, j in moves))
 
     def _depth_ratio(self, present: List[float], grad_sq: List[float]) -> Optional[Tuple[float, int]]:
         """The largest gradient norm of the first quarter of the weight layers over the median layer's.
@@ -477,12 +488,9 @@ class _GradientStatsMonitor(MonitorCallback):
             return None
         k = max(1, len(layers) // 4)
         head = [grad_sq[j] for j in layers[:k] if math.isfinite(grad_sq[j])]
-        every = sorted(grad_sq[j] for j in layers if math.isfinite(grad_sq[j]))
-        if not head or not every:
-            return None
-        mid = len(every) // 2
-        median = every[mid] if len(every) % 2 else 0.5 * (every[mid - 1] + every[mid])
-        if median <= 0:
+        every = [grad_sq[j] for j in layers if math.isfinite(grad_sq[j])]
+        median = statistics.median(every) if every else 0.0
+        if not head or median <= 0:
             return None
         return math.sqrt(max(head) / median), k
 
@@ -523,8 +531,9 @@ class _GradientStatsMonitor(MonitorCallback):
                              f"use the layer's default or a He/Xavier init."))
         # token embeddings that all start at 0 are all alike: nothing tells the tokens apart at the input (a
         # tied output layer starts from zero logits too); a padding row alone at 0 is the usual case, not this
+        owners = owners_of(pl_module)
         embeddings = [(n, p) for n, p in zip(self._names, self._params) if not is_lazy(p) and p.dim() == 2
-                      and isinstance(owners_of(pl_module).get(n), torch.nn.Embedding)]
+                      and isinstance(owners.get(n), torch.nn.Embedding)]
         zeros = [n for n, p in embeddings if p.numel() > 1 and not bool(p.detach().any())]
         if zeros:
             self.raise_alert(
@@ -651,8 +660,10 @@ class _GradientStatsMonitor(MonitorCallback):
                     f"backward at the start of step {step}: they accumulate across steps. "
                     f"zero_grad is not called (check an overridden optimizer_zero_grad or manual loop)."))
 
-    def _diagnose_step(self, trainer: Any, pl_module: Any, step: int, present: List[float], grad_sq: List[float],
-                       before_sq: List[float], delta_sq: List[float]) -> None:
+    def _diagnose_step(self, trainer: Any, pl_module: Any, step: int, present: List[float],
+                       ratios: List[Tuple[float, int]], typical: Optional[Tuple[float, int]],
+                       depth: Optional[Tuple[float, int]]) -> None:
+        """The diagnoses of one reading; ``ratios``, ``typical`` and ``depth`` are what ``_write`` logged."""
         self._checks_done += 1
         layers = [i for i in self._weight_layers if present[i]]
         if self._checks_done == 1:
@@ -679,9 +690,6 @@ class _GradientStatsMonitor(MonitorCallback):
                                  f"or set requires_grad=False on them if they are meant to stay fixed."))
         lrs = learning_rates(trainer)
         warming_up, self._lrs = lr_rising(self._lrs, lrs), lrs
-        # every weight tensor, not only Linear/Conv ones: HF's GPT-2 is made of Conv1D, an LSTM of its own weights
-        ratios = [(math.sqrt(delta_sq[i] / before_sq[i]), i) for i in self._matrices
-                  if present[i] and self.track_update_ratio and before_sq[i] > 0 and math.isfinite(delta_sq[i])]
         if step == 0 and ratios:
             self._first_update = max(ratios)  # the update of step 0: read only to explain a network that died
         if step > 0 and not self._ratio_checked:
@@ -692,7 +700,6 @@ class _GradientStatsMonitor(MonitorCallback):
                 # too high moves every layer fast; a fresh head of small norm, or a layer whose weights shrink
                 # towards 0, moves fast alone (healthy medians <= 0.046 across the calibration families while
                 # single layers read up to 0.37; a learning rate x100: >= 0.19)
-                typical = self._median_update_ratio(present, before_sq, delta_sq)
                 first = self._first_update
                 if ratio < 1e-4 and first is not None and first[0] > 0.1:
                     # a first update that large, then nothing moves: the first steps killed the network (every
@@ -731,7 +738,6 @@ class _GradientStatsMonitor(MonitorCallback):
                         message=(f"one optimizer step changes '{self._names[i]}' by {100 * ratio:.3g}% of its norm "
                                  f"(healthy 1-6% early in training): the learning rate is likely far too low, "
                                  f"unless this is fine-tuning."))
-        depth = self._depth_ratio(present, grad_sq)
         if depth is not None and depth[0] < _VANISHING:
             ratio, k = depth
             self.raise_alert(

@@ -73,6 +73,15 @@ _SAFE_CHARS = re.compile(r"[^A-Za-z0-9_.=+\-]")
 _SPACE_MARGIN = 1.05
 
 
+def _load_manifest(path: str) -> Dict[str, Any]:
+    """The manifest at ``path``; OSError when it cannot be read, ValueError when it is not a manifest."""
+    with open(path, encoding="utf-8") as fh:
+        manifest = json.load(fh)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("checkpoints"), list):
+        raise ValueError("not a MetricCheckpoint manifest")
+    return manifest
+
+
 class CheckpointSaveError(OSError):
     """A checkpoint could not be written or committed; raised with the same message on every rank.
 
@@ -553,13 +562,9 @@ class _MetricCheckpoint:
         For an instance that did not train itself: the main process of ``ddp_spawn``, whose workers committed
         the files. Entries whose file is missing or has another size are left out.
         """
-        path = os.path.join(directory, MANIFEST_NAME)
         try:
-            with open(path, encoding="utf-8") as fh:
-                manifest = json.load(fh)
+            manifest = _load_manifest(os.path.join(directory, MANIFEST_NAME))
         except (OSError, ValueError):
-            return
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("checkpoints"), list):
             return
         if self.dirpath is None:
             self.dirpath = directory
@@ -1327,10 +1332,7 @@ class _MetricCheckpoint:
         path = self.manifest_path or MANIFEST_NAME
         if os.path.exists(path):
             try:
-                with open(path, encoding="utf-8") as fh:
-                    manifest = json.load(fh)
-                if not isinstance(manifest, dict) or not isinstance(manifest.get("checkpoints"), list):
-                    raise ValueError("not a MetricCheckpoint manifest")
+                manifest = _load_manifest(path)
             except (OSError, ValueError) as exc:
                 archived = (f"MetricCheckpoint: {path} could not be read ({exc}); it was renamed aside and the "
                             "checkpoint state restored from the resumed checkpoint (if any).")

@@ -35,8 +35,8 @@ _NEGATIVE = "loss_negative"
 _NOT_LEARNING = "loss_not_learning"
 _SLOW = "loss_slow"
 # loss_not_learning is judged on the run's own noise, over windows that grow with the run. Every step's loss
-# (while the check is open) is summed on the device into one block per check; a block's mean and mean square
-# travel with that check's read. At the first check at or after step 50 outside a warmup (then at steps 100,
+# (while the check is open) is in the device ring the loss scores use; the mean and mean square of the steps
+# since the previous check (a block) travel with that check's read. At the first check at or after step 50 outside a warmup (then at steps 100,
 # 200, 400, ...: each evaluation doubles the step of the one before), with t the current step:
 #   - the level L of the steps in the last quarter, (3t/4, t], against the level of the first steps (the
 #     blocks up to step 10): at or below 85% of it the run learns, and the check is closed for good;
@@ -184,8 +184,9 @@ class _MetricMonitor(MonitorCallback):
     as long as the run before it) is ``loss_not_learning`` (``warning``). At the first evaluation a loss above
     85% is named at once after an earlier finding that explains it (``frozen_at_init``, ``frozen_parameters``,
     ``grad_missing``, ``update_ratio_low``, ``output_probabilities``, ``data_labels_unrelated``), since two
-    independent signals then agree. Every step's loss is summed on the device into one block per check while
-    the check is open (no host read of its own). Not checked under manual optimisation with several optimizers
+    independent signals then agree. While the check is open every step's loss goes into the device ring the
+    loss scores use (kept for it if no rule reads a score); a check reads the block of steps since the last one
+    with its own read (no host read of its own). Not checked under manual optimisation with several optimizers
     (GANs, actor-critic): their losses are adversaries or separate objectives. Switch it off with
     ``rules={"loss_not_learning": None}``.
 
@@ -299,12 +300,12 @@ class _MetricMonitor(MonitorCallback):
                                     for m in (self.step_z_metric, self.shift_z_metric, self.regress_metric))
         self._regress_check = any(self.regress_metric in r.metrics for r in self.rules.rules)
         self._negative_since: Optional[int] = None  # first check that saw a negative loss
-        # loss_not_learning: this check's block on the device (sum and sum of squares of every step's loss, and
-        # the count), the blocks read so far as (first step, last step, count, mean, mean square), the step of
-        # the next evaluation, how many evaluations in a row found the loss flat, and whether it is decided
-        self._block: Optional[torch.Tensor] = None
-        self._block_count = 0
-        self._block_first: Optional[int] = None
+        # loss_not_learning: `_ring_count` when the last block was read (the steps since then, in the loss ring,
+        # are the next block), the block of this check (mean and mean square, on the device), the blocks read so
+        # far as (first step, last step, count, mean, mean square), the step of the next evaluation, how many
+        # evaluations in a row found the loss flat, and whether it is decided
+        self._block_taken = 0
+        self._block_at: Optional[Tuple[int, torch.Tensor]] = None
         self._blocks: List[Tuple[int, int, int, float, float]] = []
         self._next_evaluation = _LEARNING_FIRST_STEP
         self._flat_evaluations = 0
@@ -374,6 +375,7 @@ class _MetricMonitor(MonitorCallback):
             self._last_obj.clear()
             self._loss_acc = self._step_loss = self._step_grad = None
             self._loss_ring, self._ring_count, self._ring_checked, self._scores_at = None, 0, 0, None
+            self._block_taken, self._block_at = 0, None
             self._phase_start = 0
 
     # -------------------------------------------------------------------------------- hot path
@@ -400,23 +402,30 @@ class _MetricMonitor(MonitorCallback):
             return
         self._opt_step = step
         self._step_loss, self._loss_acc = self._loss_acc, None
-        if self.step_spike_check and self._step_loss is not None:
+        # the per-step loss ring serves the shift/regress scores and, while it is open, the not-learning check
+        if (self.step_spike_check or (self.learning_check and not self._learning_checked)) \
+                and self._step_loss is not None:
             self._remember_loss(self._step_loss)
-        if self.learning_check and not self._learning_checked and self._step_loss is not None:
-            self._add_to_block(self._step_loss, step)
         if self._grad_every_step or (self.sampled and self._grad_sampled):
             self._step_grad = self._grad_norm(pl_module)
         self.recovery.apply_pending_skip(trainer, pl_module)
         if self._due["every_step"]:
             self._check(trainer, pl_module, "every_step")
 
-    def _add_to_block(self, loss: torch.Tensor, step: int) -> None:
-        """Add this step's loss to the check's block on the device: one small add, no host read."""
-        pair = torch.stack([loss.reshape(()), loss.reshape(()).square()])
-        self._block = pair if self._block is None or self._block.device != pair.device else self._block + pair
-        if self._block_first is None:
-            self._block_first = step
-        self._block_count += 1
+    def _loss_block(self) -> Optional[torch.Tensor]:
+        """Mean and mean square of the losses since the last block, from the ring (once per check, on the device).
+
+        The ring holds at least one check interval of steps (capped at 4,096): a longer interval's block is
+        its last 4,096 steps.
+        """
+        ring, count = self._loss_ring, self._ring_count
+        new = min(count - self._block_taken, ring.numel()) if ring is not None else 0
+        if new <= 0:
+            return None
+        if self._block_at is None or self._block_at[0] != count:
+            values = self._chronological(ring, count, new)
+            self._block_at = (count, torch.stack([values.mean(), values.square().mean()]))
+        return self._block_at[1]
 
     def _remember_loss(self, loss: torch.Tensor) -> None:
         """Write this step's loss into the device ring: one small device copy, no host read."""
@@ -424,7 +433,8 @@ class _MetricMonitor(MonitorCallback):
             # the steps since the last check, at most _RECENT_MAX of them: memory stays bounded for any interval
             recent = min(max(self.interval, _SHIFT_RECENT_MIN), _RECENT_MAX)
             self._loss_ring = torch.zeros(_STEP_SPIKE_WINDOW + recent, device=loss.device)
-            self._ring_count = self._ring_checked = self._phase_start = 0
+            self._ring_count = self._ring_checked = self._phase_start = self._block_taken = 0
+            self._block_at = None
             self._scores_at = None
         self._loss_ring[self._ring_count % self._loss_ring.numel()] = loss.reshape(())
         if self._initial_loss is None:  # kept across rollbacks: the scale of the run, not of its restart
@@ -615,10 +625,12 @@ class _MetricMonitor(MonitorCallback):
     def _remember_learning(self, trainer: Any, stats: Dict[str, MetricStats], step: int) -> None:
         """Keep this check's block of losses (reduced over ranks, as host floats) and the learning rates."""
         mean, square = stats.get(self.block_mean_metric), stats.get(self.block_square_metric)
-        count, first = self._block_count, self._block_first
-        self._block, self._block_count, self._block_first = None, 0, None
+        ring = self._loss_ring
+        count = min(self._ring_count - self._block_taken, ring.numel()) if ring is not None else 0
+        first = step - count + 1  # one ring entry per optimizer step, the last one this check's
+        self._block_taken, self._block_at = self._ring_count, None
         self._recent_lrs = (self._recent_lrs + [learning_rates(trainer)])[-3:]
-        if (count == 0 or first is None or mean is None or square is None or not mean.present or not square.present
+        if (count <= 0 or mean is None or square is None or not mean.present or not square.present
                 or not math.isfinite(mean.mean) or not math.isfinite(square.mean)):
             return  # no step since the last check, or a non-finite loss (loss_nonfinite's business)
         self._blocks.append((first, step, count, mean.mean, square.mean))
@@ -769,9 +781,8 @@ class _MetricMonitor(MonitorCallback):
         if name == self.regress_metric:
             return self._ring_scores()["regress"]
         if name == self.block_mean_metric or name == self.block_square_metric:
-            if self._block is None or self._block_count == 0:
-                return None
-            return self._block[0 if name == self.block_mean_metric else 1] / self._block_count
+            block = self._loss_block()
+            return None if block is None else block[0 if name == self.block_mean_metric else 1]
         return metrics.get(name)
 
     def _read(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", rules: Sequence[Rule],
@@ -895,6 +906,7 @@ class _MetricMonitor(MonitorCallback):
         self._loss_acc = self._step_loss = self._step_grad = None
         # the history before is not this run's
         self._loss_ring, self._ring_count, self._ring_checked, self._scores_at = None, 0, 0, None
+        self._block_taken, self._block_at = 0, None
         self._phase_start = 0
 
     # ------------------------------------------------------------------------------- missing

@@ -101,7 +101,7 @@ def implementation_of(cls: Any) -> Any:
 def package_of(trainer: Any) -> ModuleType:
     """The Lightning package ``trainer`` comes from (``pytorch_lightning`` or ``lightning.pytorch``)."""
     name = type(trainer).__module__
-    if name.startswith("lightning.pytorch") or name.startswith("lightning."):
+    if name.startswith("lightning."):
         return _module("lightning.pytorch")
     if name.startswith("pytorch_lightning"):
         return _module("pytorch_lightning")
