@@ -1,11 +1,12 @@
-# `make demo` runs the main job; `make test` runs the tests. Both set up .venv first.
+# `make demo` runs the main job; `make test` runs the tests and the docstring examples; `make docs` builds the
+# documentation site into site/. All set up .venv first.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean calibration
+.PHONY: demo test bench venv clean calibration docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +30,22 @@ API_TESTS := tests/test_gradient_stats.py tests/test_activation_stats.py tests/t
 	tests/test_metric_checkpoint.py tests/test_data_quality.py tests/test_hydra.py tests/test_diagnoses.py \
 	tests/test_loggers.py
 
+# The `Example:` sections of the docstrings run as doctests too (tests/conftest.py does not apply to them).
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 	LIGHTWATCH_TEST_LIGHTNING=lightning OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not ddp" $(API_TESTS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --doctest-modules src/lightwatch -p no:cacheprovider
+
+# The documentation site: docs/*.md and the API reference that mkdocstrings generates from the docstrings.
+# --strict: a broken link, a missing page or a docstring mkdocstrings cannot read fails the build.
+DOCS_STAMP := $(VENV)/.installed-docs
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[dev,examples,docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/overhead.py
@@ -56,4 +70,4 @@ calibration: $(CAL_STAMP)
 	OMP_NUM_THREADS=1 $(CAL_PY) -m bench.calibration $(CAL_ARGS)
 
 clean:
-	rm -rf $(VENV) outputs multirun lightning_logs .pytest_cache
+	rm -rf $(VENV) outputs multirun lightning_logs .pytest_cache site

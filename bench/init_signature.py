@@ -30,7 +30,8 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.faults import HEALTHY  # noqa: E402
-from lightwatch.core.init_signature import MIN_ELEMENTS, reads_as_uniform_init, uniform_init_evidence  # noqa: E402
+from lightwatch.core.init_signature import (MIN_ELEMENTS, SMALL_MIN_ELEMENTS, uniform_init_evidence,  # noqa: E402
+                                            uniform_init_votes)
 
 STEPS = (1, 2, 5, 20, 100, 200)
 LAYERS: Dict[str, Callable[[], List[torch.Tensor]]] = {
@@ -41,14 +42,31 @@ LAYERS: Dict[str, Callable[[], List[torch.Tensor]]] = {
     "LSTM(32, 32)": lambda: [p for n, p in nn.LSTM(32, 32).named_parameters() if n.startswith("weight")],
     "xavier_uniform_(128, 64)": lambda: [nn.init.xavier_uniform_(torch.empty(128, 64))],
     "kaiming_uniform_(128, 64)": lambda: [nn.init.kaiming_uniform_(torch.empty(128, 64), nonlinearity="relu")],
+    # below MIN_ELEMENTS: judged against the init bound of their shape
+    "Conv2d(1, 16, 3)": lambda: [nn.Conv2d(1, 16, 3).weight],
+    "Conv2d(3, 16, 3)": lambda: [nn.Conv2d(3, 16, 3).weight],
+    "Conv1d(4, 8, 5)": lambda: [nn.Conv1d(4, 8, 5).weight],
+    "Linear(8, 16)": lambda: [nn.Linear(8, 16).weight],
+    "GRU(4, 8)": lambda: [p for n, p in nn.GRU(4, 8).named_parameters() if n.startswith("weight")],
+    "LSTM(8, 8)": lambda: [p for n, p in nn.LSTM(8, 8).named_parameters() if n.startswith("weight")],
+    "xavier_uniform_(16, 8)": lambda: [nn.init.xavier_uniform_(torch.empty(16, 8))],
+    "kaiming_uniform_(16, 8)": lambda: [nn.init.kaiming_uniform_(torch.empty(16, 8), nonlinearity="relu")],
 }
-Row = Tuple[float, float, float, float]
+# KS * sqrt(k), edge count, |mean| z, k, and the verdict of uniform_init_votes (1 = fresh)
+Row = Tuple[float, float, float, float, float]
+
+
+def evidence(t: torch.Tensor) -> Row:
+    fresh = float(uniform_init_votes([t], torch.device("cpu"))[1, 0])
+    return tuple(uniform_init_evidence(t).tolist()) + (fresh,)  # type: ignore[return-value]
 
 
 def summary(rows: List[Row]) -> str:
+    if not rows:
+        return "    0 tensors"
     ks = [r[0] for r in rows]
     edge = [r[1] for r in rows]
-    fresh = sum(reads_as_uniform_init(r) for r in rows)
+    fresh = sum(int(r[4]) for r in rows)
     return (f"{len(rows):5d} tensors  KS*sqrt(k) {min(ks):7.2f} .. {max(ks):7.2f}  edge {min(edge):4.0f} .. "
             f"{max(edge):4.0f}  read as fresh {fresh}")
 
@@ -62,8 +80,8 @@ class Grab(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         if trainer.global_step in self.rows:
             self.rows[trainer.global_step] += [
-                tuple(uniform_init_evidence(p).tolist()) for n, p in pl_module.named_parameters()
-                if "weight" in n and p.dim() > 1 and p.numel() >= MIN_ELEMENTS]
+                evidence(p) for n, p in pl_module.named_parameters()
+                if "weight" in n and p.dim() > 1 and p.numel() >= SMALL_MIN_ELEMENTS]
 
 
 def main() -> None:
@@ -82,7 +100,7 @@ def main() -> None:
         rows = []
         for seed in range(args.init_seeds):
             torch.manual_seed(seed)
-            rows += [tuple(uniform_init_evidence(t).tolist()) for t in make()]
+            rows += [evidence(t) for t in make()]
         everything += rows
         print(f"{name:28s} {summary(rows)}")
     print(f"{'all':28s} {summary(everything)}")
@@ -99,7 +117,10 @@ def main() -> None:
         for step in STEPS:
             grabbed[step] += grab.rows[step]
     for step in STEPS:
-        print(f"after {step:3d} steps              {summary(grabbed[step])}")
+        large = [r for r in grabbed[step] if r[3] >= MIN_ELEMENTS]
+        small = [r for r in grabbed[step] if r[3] < MIN_ELEMENTS]
+        print(f"after {step:3d} steps, >= {MIN_ELEMENTS:5d}    {summary(large)}")
+        print(f"after {step:3d} steps, <  {MIN_ELEMENTS:5d}    {summary(small)}")
 
 
 if __name__ == "__main__":

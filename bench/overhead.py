@@ -1,6 +1,6 @@
 """Overhead of lightwatch's monitors against the same training without them, in the same process.
 
-Protocol (see README): one thread, synthetic data, every variant warmed up, variants interleaved in
+Protocol (see docs/performance.md): one thread, synthetic data, every variant warmed up, variants interleaved in
 shuffled rounds, per-step wall time taken at ``on_train_batch_start``; the amortized ratio is the ratio of
 mean step times over whole logging periods (median and IQR over rounds, and the ratio of the fastest
 rounds, which a shared machine's noise disturbs least); unsampled-step overhead is the ratio of mean times

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from conftest import Classifier, read_alerts
 from lightwatch.callbacks import DataQualityMonitor
-from lightwatch.callbacks.data_quality import _rarest_class_chance
+from lightwatch.checks.data.class_imbalance import rarest_class_chance as _rarest_class_chance
 from lightwatch.profile import DataProfile
 from test_data_quality import Plant, by_rule, fit, loader, tabular
 

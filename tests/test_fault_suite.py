@@ -387,7 +387,7 @@ def test_diagnosis_script_dose_response(tmp_path: Any) -> None:
 # interval (10 steps) of their onset, and faults that show only as a run that does not learn (named at the
 # first check after step 50), one seed each; and three healthy seeds (three base models) that must raise no
 # warning. The full evaluation, every fault over 5 seeds and 20 healthy seeds, is `bench/diagnosis.py`; its
-# numbers are in the README.
+# numbers are in docs/fault-evaluation.md.
 BEFORE_THE_FIRST_UPDATE = ("vanishing_gradients", "exploding_gradients", "dead_relu", "softmax_before_loss",
                            "wrong_loss", "zero_init", "unnormalised_inputs", "nan_in_data", "train_val_leakage",
                            "duplicated_samples", "class_imbalance", "covariate_shift", "frozen_parameters")

@@ -161,7 +161,7 @@ def test_a_very_long_interval_keeps_the_per_step_buffers_small(tmp_path: Any, se
 
     class Probe(pl.Callback):  # the buffers as they are during training (teardown frees them)
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            sizes.extend([grads._ring.numel(), metrics._loss_ring.numel()])
+            sizes.extend([grads._ring.numel(), metrics._losses.ring.numel()])
 
     grads = GradientStatsMonitor(every_n_steps=10 ** 9, norm_every_step=True)
     metrics = MetricMonitor(every_n_steps=10 ** 9)  # the default loss_shift rule keeps every step's loss

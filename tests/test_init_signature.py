@@ -107,3 +107,24 @@ def test_copies_are_found_by_fingerprint_whatever_the_sharding() -> None:
     small_change = target.clone()
     small_change[0, 0] += 1e-3  # a copy that has moved is no longer a copy
     assert copies(fingerprints([small_change], cpu).tolist(), rows[1:2]) == [False]
+
+
+def test_small_weights_are_judged_against_the_init_bound_of_their_shape() -> None:
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 16, 3)  # 144 values: too few for the edge test, judged against 1/sqrt(fan_in) = 1/3
+    fresh_votes = uniform_init_votes([conv.weight, nn.Linear(8, 16).weight], cpu)
+    assert fresh_votes.tolist() == [[0, 0], [1, 1]]
+    # the same values at another scale: uniform, but not at any init bound of the shape (a trained layer's scale)
+    rescaled = conv.weight.detach() * 1.7
+    assert uniform_init_votes([rescaled], cpu).tolist() == [[1], [0]]
+    # trained for 20 steps: no longer fresh
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.5)
+    x, target = torch.randn(32, 1, 8, 8), torch.randn(32, 16, 6, 6)
+    for _ in range(20):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(conv(x), target).backward()
+        optimizer.step()
+    assert uniform_init_votes([conv.weight], cpu).tolist() == [[1], [0]]
+    # a bias (its fan-in is not in its shape) and a weight of fewer than 64 values abstain
+    assert uniform_init_votes([nn.Linear(64, 128).bias, nn.Linear(4, 8).weight], cpu).tolist() == [[0, 0], [0, 0]]

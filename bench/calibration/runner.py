@@ -117,6 +117,7 @@ def read_alerts(log_dir: Optional[str]) -> List[Dict[str, Any]]:
 
 #: The readings lightwatch's diagnoses judge (``monitor.diag/...``), and which end of their range matters.
 DIAG_TAGS = {
+    "monitor.diag/update_ratio/first_step": "max",
     "monitor.diag/update_ratio/median": "max",
     "monitor.diag/update_ratio/all_layers": "max",
     "monitor.diag/grad_depth/ratio": "min",
@@ -125,6 +126,7 @@ DIAG_TAGS = {
     "monitor.diag/act_growth/ratio": "max",
     "monitor.diag/loss_learning/ratio": "max",
     "monitor.diag/loss_learning/decline_z": "min",
+    "monitor.diag/future_leak/ratio": "max",
 }
 
 

@@ -9,7 +9,7 @@ Import it with the repository root on ``sys.path`` (the one supported style)::
     trainer.fit(run.model, datamodule=run.datamodule)
 
 ``python bench/diagnosis.py`` runs the whole suite against lightwatch's default policy and Lightning's
-built-ins; see the README section "Diagnosing training faults".
+built-ins; see docs/fault-evaluation.md.
 """
 from .data import CENTRE_FEATURES, CLASSES, FEATURES, DataSpec, DigitsData, load_digits_tensors
 from .injections import LRSpike

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Dict, Tuple
 
-__version__ = "0.1.0"
+from lightwatch._version import __version__
 
 _EXPORTS: Dict[str, Tuple[str, str]] = {
     "ActivationStatsMonitor": ("lightwatch.callbacks", "ActivationStatsMonitor"),

@@ -6,23 +6,49 @@ list::
 
     python train.py monitor=strict monitor.every_n_steps=10 monitor/grad_stats=full '~monitor/act_stats'
 
-Every node of a policy has a dataclass schema, registered in the ConfigStore group ``lightwatch_schema``
-(a group of its own, so the ``monitor`` groups list only real options). A wrong type or an unknown key
-therefore fails when the config is composed, with Hydra's message naming the key; values left ``???``
-are found by :func:`instantiate_monitors` before any training starts.
+Every node of a policy has a dataclass schema (in :mod:`lightwatch.hydra_schemas`, importable from here too),
+registered in the ConfigStore group ``lightwatch_schema`` (a group of its own, so the ``monitor`` groups list
+only real options). A wrong type or an unknown key therefore fails when the config is composed, with Hydra's
+message naming the key; values left ``???`` are found by :func:`instantiate_monitors` before any training
+starts.
 
 This module imports no torch: the search-path plugin registers the schemas at the start of every Hydra
 app, and the callbacks are imported only when :func:`instantiate_monitors` builds them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from enum import Enum
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from lightwatch.hydra_schemas import (
+    ActStatsConf,
+    ActStatsSelectConf,
+    CheckPoint,
+    CheckpointBestConf,
+    CheckpointConf,
+    DataCheckConf,
+    DataChecksConf,
+    DataQualityConf,
+    Direction,
+    Export,
+    FieldSchemaConf,
+    GradStatsConf,
+    GroupBy,
+    LightningPackage,  # the type of MonitorConf.lightning, importable from here as before
+    Mode,
+    MonitorConf,
+    Reduce,
+    RuleConf,
+    RuleKind,
+    RulesConf,
+    Severity,
+    SpikeMethod,
+    ThresholdConf,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pytorch_lightning as pl
@@ -62,410 +88,12 @@ SCHEMA_GROUP = "lightwatch_schema"
 
 
 class MonitorConfigError(ValueError):
-    """A ``monitor`` config that cannot be turned into callbacks: the message names the keys and the fix."""
+    """A ``monitor`` config that cannot be turned into callbacks: the message names the keys and the fix.
 
-
-# Closed choices are Enums: OmegaConf rejects ``Literal`` annotations, and an Enum gives the message
-# "Invalid value 'x', expected one of [...]" at compose time. Names equal values; callbacks get the name.
-class Severity(Enum):
-    """Severity of an alert (``lightwatch.core.alerts.SEVERITIES``)."""
-
-    info = "info"
-    warning = "warning"
-    error = "error"
-    critical = "critical"
-
-
-class GroupBy(Enum):
-    """How :class:`~lightwatch.callbacks.GradientStatsMonitor` groups its series."""
-
-    parameter = "parameter"
-    module = "module"
-
-
-class Mode(Enum):
-    """Whether lower (``min``) or higher (``max``) is better."""
-
-    min = "min"
-    max = "max"
-
-
-class RuleKind(Enum):
-    """Kinds of :class:`~lightwatch.callbacks.MetricMonitor` rules."""
-
-    threshold = "threshold"
-    nonfinite = "nonfinite"
-    plateau = "plateau"
-    spike = "spike"
-    gap = "gap"
-    trend = "trend"
-
-
-class LightningPackage(Enum):
-    """Which Lightning package the callbacks are bound to (see :mod:`lightwatch.core.lightning`)."""
-
-    auto = "auto"
-    pytorch_lightning = "pytorch_lightning"
-    lightning = "lightning"
-
-
-class CheckPoint(Enum):
-    """When a rule is checked."""
-
-    every_step = "every_step"
-    step = "step"
-    validation = "validation"
-    epoch = "epoch"
-
-
-class Reduce(Enum):
-    """How a rule's value is reduced over ranks."""
-
-    max = "max"
-    min = "min"
-    mean = "mean"
-
-
-class SpikeMethod(Enum):
-    """Robust (``mad``) or classical (``std``) z-score of a spike rule."""
-
-    mad = "mad"
-    std = "std"
-
-
-class Direction(Enum):
-    """Direction a spike (``up``, ``down``, ``both``) or a trend (``up``, ``down``) is looked for in."""
-
-    up = "up"
-    down = "down"
-    both = "both"
-
-
-class Export(Enum):
-    """Format :class:`~lightwatch.callbacks.MetricCheckpoint` exports the best model to."""
-
-    onnx = "onnx"
-    torchscript = "torchscript"
-
-
-# ------------------------------------------------------------------------------------- component schemas
-# One dataclass per callback, mirroring its constructor (names and defaults; a test keeps them in step).
-# Mappings of typed entries default to {} where the constructor has None: OmegaConf cannot merge a mapping
-# into a null typed mapping, so `+monitor.rules.rules={name: {...}}` needs an empty one to merge into.
-# ``_target_`` and ``_convert_`` are declared fields: a typed node rejects undeclared keys, and with
-# ``_convert_: all`` lists and dicts reach the constructor as plain Python objects even when a user calls
-# ``hydra.utils.instantiate`` on the node directly.
-
-
-@dataclass
-class GradStatsConf:
-    """Schema of :class:`~lightwatch.callbacks.GradientStatsMonitor` (``monitor.grad_stats``)."""
-
-    _target_: str = "lightwatch.callbacks.GradientStatsMonitor"
-    _convert_: str = "all"
-    every_n_steps: Optional[int] = None
-    include: Optional[List[str]] = None
-    exclude: Optional[List[str]] = None
-    module_types: Optional[List[str]] = None
-    group_by: GroupBy = GroupBy.parameter
-    top_k: Optional[int] = None
-    histogram_every_n_steps: Optional[int] = None
-    norm_every_step: Optional[bool] = None
-    track_update_ratio: bool = True
-    nonfinite_action: str = "warn"
-    nonfinite_severity: Severity = Severity.error
-    diagnose: bool = True
-    prefix: str = "monitor"
-    alert_cooldown_steps: int = 100
-    check_first_step: bool = True
-    skip_diagnoses: Optional[List[str]] = None
-
-
-@dataclass
-class ActStatsConf:
-    """Schema of :class:`~lightwatch.callbacks.ActivationStatsMonitor` (``monitor.act_stats``)."""
-
-    _target_: str = "lightwatch.callbacks.ActivationStatsMonitor"
-    _convert_: str = "all"
-    every_n_steps: Optional[int] = None
-    include: Optional[List[str]] = None
-    exclude: Optional[List[str]] = None
-    module_types: Optional[List[str]] = None
-    top_k: Optional[int] = None
-    sample_size: int = 65536
-    histogram_every_n_steps: Optional[int] = None
-    nonfinite_action: str = "warn"
-    nonfinite_severity: Severity = Severity.error
-    diagnose: bool = True
-    prefix: str = "monitor"
-    alert_cooldown_steps: int = 100
-    check_first_step: bool = True
-    skip_diagnoses: Optional[List[str]] = None
-
-
-@dataclass
-class ActStatsSelectConf(ActStatsConf):
-    """:class:`ActStatsConf` with ``include`` required (the ``act_stats=select`` variant).
-
-    A required value lives in the schema: a ``???`` in a YAML file that extends a schema whose default is
-    ``null`` is dropped by the merge (a missing value never replaces a set one).
+    Example:
+        >>> issubclass(MonitorConfigError, ValueError)
+        True
     """
-
-    include: List[str] = MISSING
-
-
-@dataclass
-class RuleConf:
-    """One :class:`~lightwatch.callbacks.MetricMonitor` rule; keys left ``null`` take the rule's defaults.
-
-    The rule's name is its key in ``rules`` and the metric is a value, because metric names hold ``/``,
-    which Hydra's override grammar does not accept in keys (``monitor.rules.rules.val_plateau.patience=3``).
-    Every kind's keys are here; a key that does not belong to the rule's kind is rejected when the callback
-    is built.
-    """
-
-    metric: str = MISSING
-    kind: RuleKind = MISSING
-    action: Optional[str] = None
-    severity: Optional[Severity] = None
-    check_on: Optional[List[CheckPoint]] = None
-    warmup: Optional[int] = None
-    warmup_epochs: Optional[int] = None
-    consecutive: Optional[int] = None
-    cooldown: Optional[int] = None
-    requires: Optional[List[str]] = None
-    silent: Optional[bool] = None
-    reduce: Optional[Reduce] = None
-    message: Optional[str] = None
-    # threshold, gap
-    above: Optional[float] = None
-    below: Optional[float] = None
-    # plateau (and mode of the others)
-    mode: Optional[Mode] = None
-    patience: Optional[int] = None
-    min_delta: Optional[float] = None
-    # spike
-    window: Optional[int] = None
-    z: Optional[float] = None
-    method: Optional[SpikeMethod] = None
-    direction: Optional[Direction] = None
-    min_history: Optional[int] = None
-    min_rel_change: Optional[float] = None
-    min_change: Optional[float] = None
-    # gap
-    reference: Optional[str] = None
-    relative: Optional[bool] = None
-    # trend
-    checks: Optional[int] = None
-    min_tau: Optional[float] = None
-
-
-@dataclass
-class RulesConf:
-    """Schema of :class:`~lightwatch.callbacks.MetricMonitor` (``monitor.rules``).
-
-    The shipped variants list the built-in rules explicitly, so they can be overridden by name; a rule set to
-    ``null`` removes it, and ``builtin_rules=false`` drops them all.
-    """
-
-    _target_: str = "lightwatch.callbacks.MetricMonitor"
-    _convert_: str = "all"
-    rules: Dict[str, Optional[RuleConf]] = field(default_factory=dict)
-    every_n_steps: Optional[int] = None
-    builtin_rules: bool = True
-    max_rollbacks: int = 3
-    lr_factor: float = 1.0
-    snapshots: Optional[int] = None
-    snapshot_every_n_steps: Optional[int] = None
-    snapshot_device: Optional[str] = None
-    write_scores: bool = True
-    prefix: str = "monitor"
-    alert_cooldown_steps: int = 100
-    name: Optional[str] = None
-
-
-@dataclass
-class ThresholdConf:
-    """One :class:`~lightwatch.callbacks.MetricCheckpoint` threshold: save once when ``metric`` crosses a bound."""
-
-    metric: str = MISSING
-    above: Optional[float] = None
-    below: Optional[float] = None
-
-
-@dataclass
-class CheckpointConf:
-    """Schema of :class:`~lightwatch.callbacks.MetricCheckpoint` (``monitor.checkpoint``)."""
-
-    _target_: str = "lightwatch.callbacks.MetricCheckpoint"
-    _convert_: str = "all"
-    dirpath: Optional[str] = None
-    filename: Optional[str] = None
-    monitor: Optional[str] = None
-    mode: Mode = Mode.min
-    save_top_k: int = 1
-    save_last: bool = False
-    every_n_train_steps: Optional[int] = None
-    every_n_epochs: Optional[int] = None
-    save_on_train_epoch_end: Optional[bool] = None
-    thresholds: Dict[str, ThresholdConf] = field(default_factory=dict)
-    keep_threshold_checkpoints: int = -1
-    save_on_alert: bool = True
-    alert_save_cooldown_steps: int = 10
-    keep_alert_checkpoints: int = 3
-    save_on_exception: bool = False
-    save_weights_only: bool = False
-    auto_insert_metric_name: bool = True
-    verify: bool = False
-    verify_on_resume: bool = True
-    export: Optional[Export] = None
-    name: str = "MetricCheckpoint"
-    prefix: str = "monitor"
-
-
-@dataclass
-class CheckpointBestConf(CheckpointConf):
-    """:class:`CheckpointConf` with ``monitor`` required (the ``checkpoint=best`` variant)."""
-
-    monitor: str = MISSING
-
-
-@dataclass
-class DataCheckConf:
-    """Settings of one :class:`~lightwatch.callbacks.DataQualityMonitor` check; ``null`` keeps the default.
-
-    The numeric keys belong to particular checks (``margin`` and ``tolerance`` to ``out_of_range``,
-    ``alpha`` to the statistical tests, ...); one given to a check that has no such setting is rejected when
-    the callback is built.
-    """
-
-    enabled: Optional[bool] = None
-    action: Optional[str] = None
-    severity: Optional[Severity] = None
-    margin: Optional[float] = None
-    tolerance: Optional[float] = None
-    alpha: Optional[float] = None
-    psi_floor: Optional[float] = None
-    ks_floor: Optional[float] = None
-    floor: Optional[float] = None
-    threshold: Optional[float] = None
-    ratio: Optional[float] = None
-    max_abs_mean: Optional[float] = None
-    min_rms: Optional[float] = None
-    offset_ratio: Optional[float] = None
-    psi_warn: Optional[float] = None
-    ks_warn: Optional[float] = None
-    warn_above: Optional[float] = None
-    min_z: Optional[float] = None
-    min_rows: Optional[float] = None
-
-
-@dataclass
-class DataChecksConf:
-    """Every check of :class:`~lightwatch.callbacks.DataQualityMonitor`; set one to ``null`` to switch it off."""
-
-    nonfinite: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    label_range: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    out_of_range: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    schema: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    empty_batch: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    unnormalised: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    drift: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    drift_ref: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    label_shift: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    label_shift_ref: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    constant: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    duplicates: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    leakage: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    class_imbalance: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    labels_unrelated: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    padding_in_loss: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-
-
-@dataclass
-class FieldSchemaConf:
-    """Expected dtype and per-sample shape of one batch field (``null`` in ``shape``: a variable size)."""
-
-    dtype: str = MISSING
-    shape: List[Optional[int]] = MISSING
-
-
-@dataclass
-class DataQualityConf:
-    """Schema of :class:`~lightwatch.callbacks.DataQualityMonitor` (``monitor.data_quality``).
-
-    ``inputs``, ``targets``, ``sample_ids``, ``feature_dim`` and ``ranges`` take several shapes (an index or a
-    key, or a list of them; an int or a mapping; bounds or per-feature bounds), so they are not typed here;
-    the callback checks them when it is built.
-    """
-
-    _target_: str = "lightwatch.callbacks.DataQualityMonitor"
-    _convert_: str = "all"
-    inputs: Any = None
-    targets: Any = None
-    reference: Optional[str] = None
-    every_n_steps: Optional[int] = None
-    sample_ids: Any = None
-    num_classes: Optional[int] = None
-    ignore_index: Optional[int] = -100
-    feature_dim: Any = None
-    feature_names: Dict[str, List[str]] = field(default_factory=dict)
-    ranges: Dict[str, Any] = field(default_factory=dict)
-    schema: Dict[str, FieldSchemaConf] = field(default_factory=dict)
-    learn_ranges: bool = True
-    bins: int = 10
-    max_values_per_sample: int = 64
-    distribution: bool = True
-    duplicates: bool = True
-    checks: DataChecksConf = field(default_factory=DataChecksConf)
-    profile_path: Optional[str] = "auto"
-    save_hashes: bool = False
-    top_k: int = 10
-    prefix: str = "monitor"
-    alert_cooldown_steps: int = 100
-    scan_before_fit: int = 0
-    scan_iterable: bool = False
-
-
-# ------------------------------------------------------------------------------------------ policy schema
-@dataclass
-class MonitorConf:
-    """Schema of a policy (the ``monitor`` node).
-
-    Policy-wide values are interpolated into every component (``every_n_steps: ${..every_n_steps}``) and
-    can be overridden per component (``monitor.grad_stats.every_n_steps=50``). Components are typed
-    ``Any`` so that their own sub-group configs (each with its own schema) merge in; ``null`` switches
-    one off.
-
-    Args:
-        enabled: master switch; ``false`` makes :func:`instantiate_monitors` return no callbacks.
-        every_n_steps: sampling interval of every component; ``null`` follows ``Trainer(log_every_n_steps)``.
-        histogram_every_n_steps: histogram interval of the components that write histograms; ``null`` is
-            ten sampling intervals, ``0`` turns histograms off.
-        prefix: first part of every TensorBoard tag (``<prefix>.grad/...``).
-        nonfinite_action: what a NaN/Inf finding does (``log``, ``warn``, ``stop``, ``raise``, ...).
-        lightning: the package whose ``Trainer`` the callbacks are for: ``pytorch_lightning``
-            (``lightwatch.callbacks``), ``lightning`` (``import lightning as L``: ``lightwatch.lightning``), or
-            ``auto``: the one the app has imported, ``pytorch_lightning`` when it has imported both or neither
-            and is installed.
-        grad_stats: :class:`GradStatsConf` or ``null``.
-        act_stats: :class:`ActStatsConf` or ``null``.
-        data_quality: :class:`DataQualityConf` or ``null``.
-        rules: :class:`RulesConf` or ``null``.
-        checkpoint: :class:`CheckpointConf` or ``null``.
-    """
-
-    enabled: bool = True
-    every_n_steps: Optional[int] = None
-    histogram_every_n_steps: Optional[int] = None
-    prefix: str = "monitor"
-    nonfinite_action: str = "warn"
-    lightning: LightningPackage = LightningPackage.auto
-    grad_stats: Any = None
-    act_stats: Any = None
-    data_quality: Any = None
-    rules: Any = None
-    checkpoint: Any = None
 
 
 # MetricMonitor comes after the statistics monitors: it reads their values in the same step.

@@ -70,7 +70,21 @@ KINDS = ("numeric", "labels")
 
 
 class ProfileError(ValueError):
-    """A data profile that is corrupt, of another format or version, or that does not fit the data."""
+    """A data profile that is corrupt, of another format or version, or that does not fit the data.
+
+    The message names the file, the split, the field and the key that is wrong.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "data_profile.json")
+        >>> with open(path, "w") as fh:
+        ...     _ = fh.write('{"format": "something-else"}')
+        >>> try:
+        ...     DataProfile.load(path)
+        ... except ProfileError as err:
+        ...     print(str(err).split(": ", 1)[1].split(";")[0])
+        'format' is 'something-else', expected 'lightwatch-data-profile'
+    """
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -92,7 +106,7 @@ def _utc_now() -> str:
 
 def _library_version() -> str:
     try:
-        from lightwatch import __version__
+        from lightwatch._version import __version__
     except ImportError:  # pragma: no cover - partial installs
         return "lightwatch"
     return f"lightwatch {__version__}"
@@ -158,6 +172,18 @@ class FieldProfile:
         labels: :class:`~lightwatch.metrics.LabelCounts` (label fields).
         num_classes: number of classes (label fields). It may exceed ``labels.num_classes`` when only the
             first classes were counted (a vocabulary larger than the monitor's label capacity).
+
+    Example:
+        >>> x = FieldProfile("x", "input", "numeric", "float32", shape=[2], feature_dim=1, num_features=2,
+        ...                  feature_names=["age", "income"])
+        >>> x.feature_label(1)
+        'x.income'
+        >>> x.check_layout(2, "numeric", "DataQualityMonitor")  # the same layout: nothing to say
+        >>> try:
+        ...     x.check_layout(3, "numeric", "DataQualityMonitor")
+        ... except ProfileError as err:
+        ...     print(str(err)[:69])
+        DataQualityMonitor: field 'x' has 2 features in the reference profile
     """
 
     name: str
@@ -296,6 +322,13 @@ class SplitProfile:
         duplicates: ``{"samples", "unique", "duplicates", "duplicate_fraction"}`` from sample hashes.
         leakage: ``{"reference_split", "count", "fraction"}``: samples also found in the training split.
         hashes: the sample hashes themselves (only when saved with them; they grow with the data).
+
+    Example:
+        >>> val = SplitProfile("val", samples=300, batches=10,
+        ...                    leakage={"reference_split": "train", "count": 0, "fraction": 0.0})
+        >>> state = val.to_dict()
+        >>> state["samples"], state["leakage"]["fraction"]
+        (300, 0.0)
     """
 
     name: str

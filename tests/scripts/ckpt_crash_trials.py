@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from conftest import Classifier, make_loader  # noqa: E402
 
 import lightwatch.callbacks.metric_checkpoint as mc  # noqa: E402
+import lightwatch.core.checkpoint.store as store  # noqa: E402
 import lightwatch.core.atomic as atomic  # noqa: E402
 from lightwatch.callbacks import MonitorCallback  # noqa: E402
 
@@ -118,19 +119,19 @@ def inject(phase, at):
             fh = real_open(path, mode, *args, **kwargs)
             return HalfWritten(fh) if "w" in mode and atomic.TEMP_MARKER in str(path) and due() else fh
 
-        mc.open = opener  # the checkpoint writer's open(), module-local: the real file on the real disk
+        store.open = opener  # the checkpoint writer's open(), module-local: the real file on the real disk
     elif phase == "before_commit":
-        real = mc.fsync_path
-        mc.fsync_path = lambda p: (kill_self() if due() else None, real(p))[1]
+        real = store.fsync_path
+        store.fsync_path = lambda p: (kill_self() if due() else None, real(p))[1]
     elif phase == "after_pending_manifest":
-        real_write = mc.MetricCheckpoint._write_manifest
+        real_write = store.CheckpointStore.write_manifest
 
         def write(self, **kwargs):
             real_write(self, **kwargs)
             if kwargs.get("pending") and due():
                 kill_self()
 
-        mc.MetricCheckpoint._write_manifest = write
+        store.CheckpointStore.write_manifest = write
     elif phase == "mid_manifest":
         real = atomic.commit_path
 
@@ -141,23 +142,23 @@ def inject(phase, at):
 
         atomic.commit_path = commit
     elif phase == "after_rename":
-        real = mc.commit_path
+        real = store.commit_path
 
         def commit(tmp, final):
             real(tmp, final)
             if due():
                 kill_self()
 
-        mc.commit_path = commit
+        store.commit_path = commit
     elif phase == "before_delete":
-        real = mc.remove_path
+        real = store.remove_path
 
         def remove(path):
             if not atomic.is_temp_name(os.path.basename(path)) and due():
                 kill_self()
             real(path)
 
-        mc.remove_path = remove
+        store.remove_path = remove
 
 
 def check_directory(ckpt_dir):

@@ -135,6 +135,26 @@ class AlertLog:
     """The alert record of one Trainer: file, TensorBoard text, logging, listeners and counts.
 
     There is one per Trainer, shared by every lightwatch callback (get it with :func:`alert_log`).
+
+    Args:
+        trainer: the Trainer whose run directory receives ``alerts.jsonl`` (held by a weak reference).
+
+    Example:
+        >>> import json, os, tempfile
+        >>> class Trainer:  # what the log reads of a Trainer
+        ...     is_global_zero, loggers, default_root_dir = True, [], tempfile.mkdtemp()
+        >>> trainer = Trainer()
+        >>> log = alert_log(trainer)
+        >>> seen = []
+        >>> log.subscribe(seen.append)
+        >>> log.publish(Alert("MetricMonitor", "loss_nonfinite", "error", "loss is NaN", step=7))
+        >>> log.counts["error"], [a.rule for a in seen]
+        (1, ['loss_nonfinite'])
+        >>> with open(log.path) as fh:
+        ...     json.loads(fh.readline())["step"]
+        7
+        >>> os.path.basename(log.path)
+        'alerts.jsonl'
     """
 
     def __init__(self, trainer: Any) -> None:

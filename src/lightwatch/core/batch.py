@@ -64,18 +64,46 @@ _SHOWN = 12
 
 
 class BatchSelectorError(ValueError):
-    """A selector that matches nothing in a batch, or a batch in which no data can be found."""
+    """A selector that matches nothing in a batch, or a batch in which no data can be found.
+
+    The message names the selector that failed, the keys available where it stopped, and every tensor of
+    the batch.
+
+    Example:
+        >>> import torch
+        >>> try:
+        ...     BatchSelector(inputs="image").resolve({"x": torch.zeros(2, 3)})
+        ... except BatchSelectorError as err:
+        ...     print("image" in str(err), "x" in str(err))
+        True True
+    """
 
 
 class Field(NamedTuple):
-    """One tensor of a batch: its display name and its canonical key path."""
+    """One tensor of a batch: its display name and its canonical key path.
+
+    Example:
+        >>> import torch
+        >>> batch = {"inputs": {"ids": torch.zeros(2, 5, dtype=torch.long)}, "labels": torch.zeros(2)}
+        >>> field = BatchSelector(inputs="inputs.ids", targets="labels").resolve(batch).inputs[0]
+        >>> field.name, field.path
+        ('inputs.ids', ('inputs', 'ids'))
+    """
 
     name: str
     path: KeyPath
 
 
 class Fields(NamedTuple):
-    """The fields a :class:`BatchSelector` found: inputs, targets and (optionally) sample ids."""
+    """The fields a :class:`BatchSelector` found: inputs, targets and (optionally) sample ids.
+
+    Example:
+        >>> import torch
+        >>> batch = {"x": torch.zeros(4, 3), "y": torch.zeros(4, dtype=torch.long), "idx": torch.arange(4)}
+        >>> fields = BatchSelector(sample_ids="idx").resolve(batch)
+        >>> [f.name for f in fields.inputs], [f.name for f in fields.targets], fields.sample_ids.name
+        (['x'], ['y'], 'idx')
+    """
 
     inputs: List[Field]
     targets: List[Field]

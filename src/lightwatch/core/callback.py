@@ -47,6 +47,16 @@ class MonitorCallback:
         prefix: first part of every TensorBoard tag.
         alert_cooldown_steps: at most one alert record per (rule, subject) in this many steps.
         check_first_step: also sample step 0 of a fit that starts from scratch (not a resumed one).
+
+    Example:
+        >>> from lightwatch.callbacks import MonitorCallback
+        >>> class LossScale(MonitorCallback):  # a monitor of your own: writes on sampled steps only
+        ...     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ...         if self.sampled:
+        ...             self.writer.write_scalars(trainer, {self.writer.tag("loss", "_total", "abs"): 1.0},
+        ...                                       trainer.global_step)
+        >>> LossScale(every_n_steps=10).every_n_steps
+        10
     """
 
     #: Names of the diagnoses a subclass can raise; ``skip_diagnoses`` may name only these.

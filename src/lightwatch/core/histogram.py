@@ -58,6 +58,25 @@ def histogram_row(t: torch.Tensor, bins: int = HIST_BINS, max_values: int = 6553
 
 @dataclass
 class HistogramData:
+    """A histogram decoded from a packed row: the arguments of TensorBoard's ``add_histogram_raw``.
+
+    Args:
+        min: smallest finite value.
+        max: largest finite value.
+        num: number of finite values.
+        sum: sum of the finite values.
+        sum_squares: sum of their squares.
+        nonfinite: number of NaN/Inf values (left out of the buckets).
+        bucket_limits: right edge of each bucket.
+        counts: values per bucket.
+
+    Example:
+        >>> import torch
+        >>> data = decode_histogram_row(histogram_row(torch.tensor([0.0, 1.0, 1.0, float("nan")]), bins=2).tolist())
+        >>> data.num, data.nonfinite, data.counts, data.bucket_limits
+        (3.0, 1.0, [1.0, 2.0], [0.5, 1.0])
+    """
+
     min: float
     max: float
     num: float

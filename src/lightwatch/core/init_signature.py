@@ -18,11 +18,23 @@ momentum encoder of MoCo and BYOL, a mean teacher, all start as copies of the ne
 :func:`fingerprints` and :func:`copies` find them (sums of ``w``, ``w^2`` and ``|w|``, and the size, equal to
 one part in 10^5), so they can be left out.
 
+Tensors of fewer than 1,024 values (a first convolution over RGB: 16 x 3 x 3 x 3 = 432 values) carry too
+few values for the edge test, but their shape says where a fresh draw's edge must be: PyTorch's default
+initialisation of ``Linear``/``Conv*`` draws from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, ``xavier_uniform_``
+from ``sqrt(6 / (fan_in + fan_out))``, ``kaiming_uniform_`` from ``sqrt(6 / fan_in)``, recurrent layers from
+``1/sqrt(hidden)``. A weight of at least 64 values (two or more dimensions) reads as fresh when it passes the
+KS and mean tests and its largest magnitude lies within ``7/k`` below one of these bounds (and not above it):
+a fresh draw misses that window with probability ``exp(-7)``, and a pretrained tensor lands in it only by
+coincidence of its scale with its shape's init bound to a few percent.
+
 Thresholds, measured by ``bench/init_signature.py``: over 1,800 freshly initialised tensors (Linear, Conv2d,
 GRU, LSTM, xavier and kaiming uniform), ``KS * sqrt(k)`` was at most 2.00 and the edge count at least 16; the
 weight tensors of at least 1,024 values of the fault suite's five healthy base models (20 seeds) no longer
 read as fresh after 5 optimizer steps, and after 20 steps read ``KS * sqrt(k) >= 7.3`` and an edge count of
 at most 6 (after 100 steps: >= 14 and <= 2).
+Weights of 64 to 1,023 values (Conv2d(1|3, 16, 3), Conv1d(4, 8, 5), Linear(8, 16), small GRU/LSTM, xavier and
+kaiming uniform; 2,700 tensors) read as fresh in 2,694 cases; the same models' weights of that size read as
+fresh in none after 20 optimizer steps (2 of 12 after 5 steps).
 """
 from __future__ import annotations
 
@@ -32,11 +44,18 @@ from typing import Any, List, Sequence
 import torch
 from torch.nn.parameter import is_lazy
 
-__all__ = ["MIN_ELEMENTS", "copies", "fingerprints", "reads_as_uniform_init", "uniform_init_evidence",
-           "uniform_init_votes"]
+__all__ = ["MIN_ELEMENTS", "SMALL_MIN_ELEMENTS", "copies", "fingerprints", "init_bounds", "reads_as_uniform_init",
+           "uniform_init_evidence", "uniform_init_votes"]
 
 # Smaller tensors are never judged: too few values to tell a fresh initialisation from a lightly trained one.
 MIN_ELEMENTS = 1024
+# Weights of SMALL_MIN_ELEMENTS..MIN_ELEMENTS values are judged against the init bounds of their shape instead of
+# the edge count; smaller ones never.
+SMALL_MIN_ELEMENTS = 64
+# Fresh small tensor: max|w| within BOUND_WINDOW / k below a bound of its shape (a fresh draw misses: ~e^-7).
+BOUND_WINDOW = 7.0
+# ... and not above it by more than float rounding.
+BOUND_ROUNDING = 1e-4
 # The test reads an evenly strided sample of at most this many values: bounded cost on any tensor.
 SAMPLE_MAX = 65536
 # Fresh: KS distance * sqrt(k) at most this (a fresh tensor exceeds 2.5 with probability ~1e-5).
@@ -81,6 +100,36 @@ def uniform_init_evidence(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack([ks, edge, mean_z, torch.tensor(float(k), device=sample.device)])
 
 
+def init_bounds(shape: Sequence[int]) -> List[float]:
+    """The bounds ``b`` of the uniform initialisations a weight of this shape may have been drawn from.
+
+    PyTorch's default ``Linear``/``Conv*`` init (``1/sqrt(fan_in)``, also ``fan_out``), ``xavier_uniform_``,
+    ``kaiming_uniform_`` for ReLU (``sqrt(6/fan)``), and recurrent layers (``1/sqrt(hidden)`` with 1, 3 or 4
+    gates stacked along the first dimension). Empty for fewer than two dimensions (a bias's fan-in is not in
+    its shape).
+
+    Example:
+        >>> [round(b, 4) for b in init_bounds((16, 1, 3, 3))][:2]
+        [0.3333, 0.0833]
+    """
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        return []
+    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+    fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
+    bounds = [1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_out), math.sqrt(6.0 / (fan_in + fan_out)),
+              math.sqrt(6.0 / fan_in), math.sqrt(6.0 / fan_out)]
+    bounds += [1.0 / math.sqrt(shape[0] // gates) for gates in (3, 4) if len(shape) == 2 and shape[0] % gates == 0]
+    return bounds
+
+
+def _matches_a_bound(top: torch.Tensor, bounds: Sequence[float], k: int) -> torch.Tensor:
+    """Whether ``top`` (max |w|, a device scalar) lies just below one of ``bounds``; no host sync."""
+    hit = torch.zeros((), dtype=torch.bool, device=top.device)
+    for b in bounds:
+        hit = hit | ((top <= b * (1.0 + BOUND_ROUNDING)) & (top >= b * (1.0 - BOUND_WINDOW / k)))
+    return hit
+
+
 def _passes(ks: Any, edge: Any, mean_z: Any) -> Any:
     """The three thresholds, on host floats or device scalars alike."""
     return (ks <= KS_SCALED_MAX) & (edge >= EDGE_MIN) & (mean_z <= MEAN_Z_MAX)
@@ -95,17 +144,26 @@ def reads_as_uniform_init(evidence: Sequence[float]) -> bool:
 def uniform_init_votes(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Per tensor, an objection and a vote for "fresh uniform initialisation", as ``[2, len(tensors)]`` on ``device``.
 
-    Row 0 is 1 where the tensor (or this rank's shard of it) has at least ``MIN_ELEMENTS`` values and fails the
-    test; row 1 is 1 where it passes. Tensors too small to judge abstain (0 in both rows). Under a sharded
+    Row 0 is 1 where the tensor (or this rank's shard of it) is judged and fails the test; row 1 is 1 where it
+    passes. Tensors of at least ``MIN_ELEMENTS`` values take the KS, edge and mean tests; weights of at least
+    ``SMALL_MIN_ELEMENTS`` values with two or more dimensions take the KS and mean tests and the bound of their
+    shape (:func:`init_bounds`). Others abstain (0 in both rows). Under a sharded
     strategy the caller takes the element-wise MAX over ranks: a tensor reads as fresh when some rank's shard
     passed and no rank's shard failed. No host sync.
     """
     votes = torch.zeros(2, len(tensors), device=device)
     for i, t in enumerate(tensors):
-        if is_lazy(t) or not t.is_floating_point() or t.device.type == "meta" or t.numel() < MIN_ELEMENTS:
+        if is_lazy(t) or not t.is_floating_point() or t.device.type == "meta":
+            continue
+        bounds = init_bounds(tuple(t.shape)) if t.numel() < MIN_ELEMENTS else []
+        if t.numel() < MIN_ELEMENTS and (t.numel() < SMALL_MIN_ELEMENTS or not bounds):
             continue
         ks, edge, mean_z, _ = uniform_init_evidence(t).to(device)
-        fresh = _passes(ks, edge, mean_z)
+        if bounds:
+            top = t.detach().abs().max().float().to(device)
+            fresh = (ks <= KS_SCALED_MAX) & (mean_z <= MEAN_Z_MAX) & _matches_a_bound(top, bounds, t.numel())
+        else:
+            fresh = _passes(ks, edge, mean_z)
         votes[0, i] = (~fresh).float()
         votes[1, i] = fresh.float()
     return votes

@@ -1,6 +1,6 @@
 """Actions that save a run: ``skip_step`` drops one optimizer update, ``rollback`` returns to the last healthy state.
 
-Both are registered in the shared action registry, so any rule or check can name them.
+Both are built-in actions of :mod:`lightwatch.core.actions`, so any rule or check can name them.
 
 ``skip_step``
     Every ``.grad`` is set to ``None`` in ``on_before_optimizer_step``: optimizers skip parameters without a
@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -39,9 +38,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from lightwatch.core.actions import ActionContext, MonitorWarning, register_action
+from lightwatch.core.action_context import ActionContext, MonitorWarning
 from lightwatch.core.alerts import Alert, alert_log, severity_at_least
 from lightwatch.core.reduce import agree_max
+from lightwatch.core.rng import capture_rng_state, restore_rng
 from lightwatch.core.runtime import distributed_ready, is_global_zero, is_sharded_strategy, logging_step
 
 __all__ = [
@@ -53,8 +53,10 @@ __all__ = [
     "drop_gradients",
     "install_recovery",
     "recovery_for",
+    "request_rollback",
     "restore_rng",
     "scale_learning_rate",
+    "skip_step",
 ]
 
 logger = logging.getLogger("lightwatch")
@@ -67,45 +69,6 @@ _BEFORE_UPDATE = {"on_train_batch_start", "training_step", "on_before_backward",
                   "on_before_zero_grad", "optimizer_zero_grad"}
 # Group keys that some schedulers (OneCycleLR, CyclicLR) read the learning rate from.
 _LR_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "base_lr")
-
-
-# ------------------------------------------------------------------------------------------- RNG
-def capture_rng_state() -> Dict[str, Any]:
-    """Python, NumPy, torch CPU and (when initialised) CUDA generator states of this process."""
-    state: Dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: Mapping[str, Any], from_checkpoint: bool = False) -> None:
-    """Restore generator states saved by :func:`capture_rng_state`, or by ``MetricCheckpoint`` when
-    ``from_checkpoint`` (its own ``restore_rng_state`` reads its format)."""
-    if from_checkpoint:
-        try:
-            from lightwatch.callbacks.metric_checkpoint import restore_rng_state  # type: ignore[attr-defined]
-        except ImportError:
-            restore_rng_state = None
-        if restore_rng_state is not None:
-            restore_rng_state(state)
-            return
-    if "python" in state:
-        py = state["python"]
-        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in py) if isinstance(py, list) else py)
-    if "torch" in state:
-        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(tuple(state["numpy"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8).cpu() for s in state["cuda"]])
 
 
 # ------------------------------------------------------------------- gradients, learning rates, sizes
@@ -199,7 +162,12 @@ def _to_device(obj: Any, device: Optional[torch.device]) -> Any:
 # ---------------------------------------------------------------------------------------- snapshots
 @dataclass
 class Snapshot:
-    """Model, optimizer, scheduler, precision and RNG state after ``step`` optimizer steps."""
+    """Model, optimizer, scheduler, precision and RNG state after ``step`` optimizer steps.
+
+    Example:
+        >>> Snapshot(step=10, epoch=0, state={}, lr_scale=1.0, rng={}, nbytes=0).used
+        False
+    """
 
     step: int
     epoch: int
@@ -279,7 +247,13 @@ class _Request:
 
 @dataclass
 class RollbackRecord:
-    """What one rollback did (kept in :attr:`Recovery.history`)."""
+    """What one rollback did (kept in :attr:`Recovery.history`).
+
+    Example:
+        >>> RollbackRecord(step=120, restored_step=100, source="snapshot", rule="loss_nonfinite", lr_scale=0.5,
+        ...                count=1).restored_step
+        100
+    """
 
     step: int
     restored_step: int
@@ -588,15 +562,11 @@ def recovery_for(trainer: Any) -> Recovery:
     return current
 
 
-def _skip_step(ctx: ActionContext) -> None:
+def skip_step(ctx: ActionContext) -> None:
+    """The ``skip_step`` action: drop the optimizer update of this step (see the module docstring)."""
     recovery_for(ctx.trainer).skip(ctx)
 
 
-def _rollback(ctx: ActionContext) -> None:
+def request_rollback(ctx: ActionContext) -> None:
+    """The ``rollback`` action: return to the last healthy state at the next safe point (see the module docstring)."""
     recovery_for(ctx.trainer).request_rollback(ctx)
-
-
-register_action("skip_step", _skip_step, changes_control_flow=True,
-                description="drop this step's optimizer update (every .grad set to None before the step)")
-register_action("rollback", _rollback, changes_control_flow=True,
-                description="restore model, optimizer, scheduler and RNG from the last healthy state and continue")

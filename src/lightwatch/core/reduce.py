@@ -1,4 +1,5 @@
-"""Cross-rank reduction of statistics: one SUM and one MAX collective on flat buffers, never per value.
+"""Cross-rank reduction for the callbacks: :func:`all_reduce_flat` (from :mod:`lightwatch.metrics.reduce`)
+and :func:`agree_max` for decisions.
 
 Callers pack every additive quantity (sums, sums of squares, counts) into one flat SUM buffer and every
 extreme (max, -min, per-unit "alive" flags, decision flags) into one flat MAX buffer, then call
@@ -6,36 +7,11 @@ extreme (max, -min, per-unit "alive" flags, decision flags) into one flat MAX bu
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.distributed as dist
 
-from lightwatch.core.runtime import distributed_ready
+from lightwatch.metrics.reduce import all_reduce_flat
 
 __all__ = ["all_reduce_flat", "agree_max"]
-
-
-def all_reduce_flat(sum_buffer: Optional[torch.Tensor] = None, max_buffer: Optional[torch.Tensor] = None) -> None:
-    """All-reduce ``sum_buffer`` with SUM and ``max_buffer`` with MAX, in place; a no-op on one process.
-
-    NaN in a MAX buffer is replaced by +inf first: backends disagree on how MAX treats NaN, and +inf is
-    what a non-finite extreme should read as.
-
-    Example:
-        >>> import torch
-        >>> s, m = torch.tensor([1.0, 2.0]), torch.tensor([3.0])
-        >>> all_reduce_flat(s, m)  # single process: values unchanged
-        >>> s.tolist(), m.tolist()
-        ([1.0, 2.0], [3.0])
-    """
-    if not distributed_ready():
-        return
-    if sum_buffer is not None and sum_buffer.numel():
-        dist.all_reduce(sum_buffer, op=dist.ReduceOp.SUM)
-    if max_buffer is not None and max_buffer.numel():
-        torch.nan_to_num_(max_buffer, nan=float("inf"))
-        dist.all_reduce(max_buffer, op=dist.ReduceOp.MAX)
 
 
 def agree_max(flags: torch.Tensor) -> torch.Tensor:
@@ -43,6 +19,11 @@ def agree_max(flags: torch.Tensor) -> torch.Tensor:
 
     Used for decisions that change control flow (stop, skip, rollback, raise): a decision any rank
     wants is taken by every rank, with one collective.
+
+    Example:
+        >>> import torch
+        >>> agree_max(torch.tensor([0.0, 1.0])).tolist()  # single process: unchanged
+        [0.0, 1.0]
     """
     all_reduce_flat(None, flags)
     return flags

@@ -75,6 +75,23 @@ class StateReader:
 
     Every failure is a ``ValueError`` that names the class, the field and what was expected, so a corrupt
     or foreign profile is rejected with a message a user can act on.
+
+    Args:
+        state: the state dict to read.
+        owner: the class it is read for (named in errors).
+        kind: the ``kind`` the state must have.
+        version: the ``version`` the state must have.
+        required: keys that must be present.
+
+    Example:
+        >>> reader = StateReader({"kind": "moments", "version": 1, "count": [2, "nan"]}, "Moments", "moments", 1,
+        ...                      ["count"])
+        >>> reader.floats("count", (2,))
+        tensor([2., nan], dtype=torch.float64)
+        >>> StateReader({"kind": "histogram", "version": 1}, "Moments", "moments", 1, [])
+        Traceback (most recent call last):
+        ...
+        ValueError: Moments.from_state_dict: state is of kind 'histogram', expected 'moments'
     """
 
     def __init__(self, state: Any, owner: str, kind: str, version: int, required: Sequence[str]) -> None:

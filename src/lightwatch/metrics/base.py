@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 import torch
 
+from lightwatch.metrics.reduce import all_reduce_flat
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -41,6 +43,17 @@ class Statistic(abc.ABC):
     """A mergeable statistic: ``update`` on the device, ``merge`` exactly, ``compute``, JSON state.
 
     Subclasses set ``kind`` (the ``"kind"`` field of their state dict) and ``version``.
+
+    Example:
+        >>> import torch
+        >>> from lightwatch.metrics import Moments
+        >>> a, b = Moments(num_features=2), Moments(num_features=2)
+        >>> a.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        >>> b.update(torch.tensor([[5.0, 6.0]]))
+        >>> a.merge(b).compute()["mean"]
+        tensor([3., 4.], dtype=torch.float64)
+        >>> Moments.from_state_dict(a.state_dict()).compute()["count"]
+        tensor([3, 3])
     """
 
     kind: str = ""
@@ -81,7 +94,25 @@ class Statistic(abc.ABC):
 
 
 class ReducibleStatistic(Statistic):
-    """A statistic whose state reduces across ranks through one SUM and one MAX flat buffer."""
+    """A statistic whose state reduces across ranks through one SUM and one MAX flat buffer.
+
+    The MAX buffer is reduced first (it holds, among others, the shifts the sums are taken around), then the
+    SUM buffer is packed against it, so merged means and variances are exact.
+
+    Example:
+        Two ranks, with the all-reduces written out by hand:
+
+        >>> import torch
+        >>> from lightwatch.metrics import Moments, load_packed, pack_max, pack_sum
+        >>> rank0, rank1 = Moments(num_features=2), Moments(num_features=2)
+        >>> rank0.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        >>> rank1.update(torch.tensor([[5.0, 6.0]]))
+        >>> max_buf = torch.maximum(pack_max([rank0]), pack_max([rank1]))      # all_reduce(MAX)
+        >>> sum_buf = pack_sum([rank0], max_buf) + pack_sum([rank1], max_buf)  # all_reduce(SUM)
+        >>> load_packed([rank0], sum_buf, max_buf)
+        >>> rank0.compute()["mean"]
+        tensor([3., 4.], dtype=torch.float64)
+    """
 
     @property
     @abc.abstractmethod
@@ -218,8 +249,6 @@ AllReduce = Callable[[torch.Tensor, str], Optional[torch.Tensor]]
 
 
 def _default_all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
-    from lightwatch.core.reduce import all_reduce_flat
-
     if op == "sum":
         all_reduce_flat(t, None)
     else:
@@ -234,7 +263,7 @@ def all_reduce_statistics(stats: Sequence[ReducibleStatistic], all_reduce: Optio
         stats: reducible statistics, in the same order on every rank.
         all_reduce: ``all_reduce(buffer, op)`` with ``op`` in ``{"max", "sum"}``, reducing in place or
             returning the reduced tensor, e.g. ``lambda t, op: trainer.strategy.reduce(t, reduce_op=op)``.
-            Defaults to ``lightwatch.core.reduce.all_reduce_flat`` (a no-op on one process). The buffers
+            Defaults to ``lightwatch.metrics.reduce.all_reduce_flat`` (a no-op on one process). The buffers
             are on the statistics' device; move them for backends that need it (NCCL needs CUDA).
 
     Example:

@@ -190,7 +190,14 @@ def psi_threshold(n_ref: Numeric, n_cur: Numeric, bins: int, alpha: float = 0.05
 
 
 class KSResult(NamedTuple):
-    """:func:`ks_binned` results (float64 tensors)."""
+    """:func:`ks_binned` results (float64 tensors).
+
+    Example:
+        >>> import torch
+        >>> result = ks_binned(torch.tensor([10.0, 10.0, 10.0]), torch.tensor([0.0, 5.0, 25.0]))
+        >>> round(result.statistic.item(), 3), bool(result.statistic > result.critical_value)
+        (0.5, True)
+    """
 
     statistic: torch.Tensor
     pvalue: torch.Tensor
@@ -280,7 +287,14 @@ def jensen_shannon(p: Any, q: Any) -> torch.Tensor:
 
 
 class ChiSquaredResult(NamedTuple):
-    """:func:`chi_squared` results: statistic (float64), dof (int64) and pvalue (float64) tensors."""
+    """:func:`chi_squared` results: statistic (float64), dof (int64) and pvalue (float64) tensors.
+
+    Example:
+        >>> import torch
+        >>> result = chi_squared(torch.tensor([10.0, 10.0, 10.0]), torch.tensor([0.0, 5.0, 25.0]))
+        >>> round(result.statistic.item(), 2), int(result.dof), bool(result.pvalue < 1e-3)
+        (18.1, 2, True)
+    """
 
     statistic: torch.Tensor
     dof: torch.Tensor

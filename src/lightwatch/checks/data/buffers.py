@@ -1,0 +1,165 @@
+"""Per-split state of the data monitor: buffered batches waiting to be folded, counters, statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from lightwatch.checks.data.base import DataCheck
+from lightwatch.checks.data.fields import FieldSpec
+from lightwatch.core.batch import Field
+from lightwatch.metrics import SampleHasher
+
+__all__ = ["BUFFER_BYTES", "Buffer", "Pending", "SplitState", "row_limit"]
+
+_NEG_INF = float("-inf")
+#: Batches are buffered for the distribution tier up to this many bytes per split, then folded in one go.
+BUFFER_BYTES = 8 << 20
+
+
+@dataclass
+class Pending:
+    """One buffered batch: a copy of each field (``None`` where the field was unusable), its marker (the
+    training step, or the batch index of an evaluation epoch), its sample count and its sample ids.
+
+    Example:
+        >>> import torch
+        >>> Pending([torch.zeros(4, 2)], marker=7, rows=4, ids=None).marker
+        7
+    """
+
+    parts: List[Optional[torch.Tensor]]
+    marker: int
+    rows: int
+    ids: Optional[torch.Tensor]
+    # fields of this batch whose feature dimension is variable and has another size than the field's layout:
+    # checked for non-finite values as a whole, left out of the per-feature statistics
+    loose: Dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Buffer:
+    """Copies of recent batches, waiting to be checked and folded into the statistics in one go.
+
+    Counting non-finite values, range and label violations, updating moments, histograms and label counts,
+    and hashing samples costs a few dozen small tensor operations whatever the batch size, and on small
+    batches that per-operation cost (dispatch, kernel launches, cold caches right after the backward pass) is
+    nearly all of it. So each batch only leaves a copy of its fields here (a copy, because training code may
+    change the batch in place), and the work is done on the concatenation at the next logged step, at the end
+    of the epoch, or when the buffer holds ``BUFFER_BYTES``. Per-row markers keep the step of each value, so
+    the first bad step is exact.
+
+    Example:
+        >>> import torch
+        >>> buf = Buffer()
+        >>> buf.add(Pending([torch.zeros(4, 2)], marker=0, rows=4, ids=None))
+        >>> buf.fits([torch.zeros(3, 2)]), buf.fits([torch.zeros(3, 5)]), buf.nbytes
+        (True, False, 32)
+    """
+
+    def __init__(self) -> None:
+        self.batches: List[Pending] = []
+        self.shapes: Optional[List[Optional[Tuple[int, ...]]]] = None
+        self.nbytes = 0
+
+    def fits(self, parts: List[Optional[torch.Tensor]]) -> bool:
+        """Whether these fields can be concatenated with the buffered ones (same sample shapes)."""
+        if self.shapes is None:
+            return True
+        return all(p is None or old is None or tuple(p.shape[1:]) == old for p, old in zip(parts, self.shapes))
+
+    def add(self, pending: Pending) -> None:
+        self.batches.append(pending)
+        shapes = [None if p is None else tuple(p.shape[1:]) for p in pending.parts]
+        if self.shapes is not None:
+            shapes = [old if old is not None else new for old, new in zip(self.shapes, shapes)]
+        self.shapes = shapes
+        self.nbytes += sum(p.numel() * p.element_size() for p in pending.parts if p is not None)
+
+    def clear(self) -> None:
+        self.batches = []
+        self.shapes = None
+        self.nbytes = 0
+
+
+class SplitState:
+    """Everything the monitor keeps for one split (``train``, ``val``, ``test``...).
+
+    Example:
+        >>> sp = SplitState("val", "batch")
+        >>> sp.name, sp.specs, sp.buffer.batches
+        ('val', None, [])
+    """
+
+    def __init__(self, name: str, marker_word: str) -> None:
+        self.name = name
+        self.marker_word = marker_word  # "step" for training, "batch" for evaluation
+        self.specs: Optional[List[FieldSpec]] = None
+        self.sample_ids: Optional[Field] = None
+        self.device: Optional[torch.device] = None
+        # per-batch tier: device SUM and MAX vectors, plus host counters
+        self.counts: Optional[torch.Tensor] = None
+        self.first: Optional[torch.Tensor] = None
+        self.label_max: Optional[torch.Tensor] = None
+        self.immediate: Optional[torch.Tensor] = None
+        self.reset_host_counters()
+        # distribution tier: local since the last reduction, and reduced over the epoch so far
+        self.acc: Dict[str, Any] = {}
+        self.glob: Dict[str, Any] = {}
+        self.hasher = SampleHasher()
+        self.seen = SampleHasher()
+        self.buffer = Buffer()
+        self.epoch_samples = 0  # local, since the last reduction
+        self.epoch_batches = 0
+        self.glob_samples = 0  # reduced, this epoch so far
+        self.glob_batches = 0
+        # DistributedSampler padding: samples of this rank that are real in this epoch
+        self.rows_seen = 0
+        self.row_limit: Optional[int] = None
+        self.limit_known = False
+        self.batches_in_epoch = 0
+        # a copy of each check the loop feeds and judges (custom ones, built-in ones with states of their own),
+        # with its states on the split's device
+        self.driven: List[DataCheck] = []
+
+    def reset_host_counters(self) -> None:
+        self.batches = 0
+        self.samples = 0
+        self.empty = 0
+        self.schema_errors = 0
+        self.first_empty = _NEG_INF
+        self.first_schema = _NEG_INF
+        self.schema_notes: Dict[str, str] = {}
+        self.values: List[int] = [0] * (len(self.specs) if self.specs else 0)
+        self.pending = False
+
+    def reset_epoch(self) -> None:
+        for stat in list(self.acc.values()) + list(self.glob.values()):
+            stat.reset()
+        self.buffer.clear()
+        self.hasher.reset()
+        self.seen.reset()
+        self.epoch_samples = self.epoch_batches = self.glob_samples = self.glob_batches = 0
+        self.rows_seen = 0
+        self.limit_known = False
+        self.batches_in_epoch = 0
+        for check in self.driven:
+            check.reset()
+
+
+def row_limit(loader: Any) -> Optional[int]:
+    """Samples of this rank that are real when a ``DistributedSampler`` pads the ranks to equal length."""
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for candidate in (sampler, getattr(batch_sampler, "sampler", None)):
+        needed = ("num_replicas", "rank", "total_size", "dataset")
+        if candidate is None or not all(hasattr(candidate, a) for a in needed):
+            continue
+        try:
+            n = len(candidate.dataset)
+        except TypeError:
+            return None
+        if getattr(candidate, "drop_last", False) or candidate.total_size <= n:
+            return None
+        return len(range(int(candidate.rank), n, int(candidate.num_replicas)))
+    return None
