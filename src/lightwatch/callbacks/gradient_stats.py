@@ -14,10 +14,10 @@ from lightwatch.checks.structure import ModelStructure, batchnorm_mode_finding, 
 from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
-from lightwatch.core.gradient_reader import GradientReader, fused_norms
+from lightwatch.core.gradient_reader import GradientReader, fused_norms, group_stats, ring_summary
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row
 from lightwatch.core.readback import HostReadback
-from lightwatch.core.reduce import agree_max, all_reduce_flat
+from lightwatch.core.reduce import all_reduce_flat
 from lightwatch.core.runtime import is_sharded_strategy, learning_rates, local_tensor, logging_step, lr_rising
 from lightwatch.core.selection import Selection, top_k_subjects
 
@@ -308,23 +308,7 @@ class _GradientStatsMonitor(MonitorCallback):
         offset += self._ring_packed
         absmax = values[offset:offset + n]
         offset += n
-
-
-        subjects: List[Tuple[str, Dict[str, float]]] = []
-        for name, idx in self._groups:
-            if not any(present[i] for i in idx):
-                continue
-            g_norm = math.sqrt(sum(grad_sq[i] for i in idx))
-            w_norm = math.sqrt(sum(p_sq[i] for i in idx))
-            before = math.sqrt(sum(before_sq[i] for i in idx))
-            delta = math.sqrt(sum(delta_sq[i] for i in idx))
-            subjects.append((name, {
-                "grad.norm": g_norm,
-                "grad.absmax": max(absmax[i] for i in idx),
-                "grad.nonfinite": sum(nonfinite[i] for i in idx),
-                "param.norm": w_norm,
-                "param.update_ratio": delta / before if before > 0 else (0.0 if delta == 0 else float("inf")),
-            }))
+        subjects = group_stats(self._groups, grad_sq, absmax, nonfinite, present, p_sq, before_sq, delta_sq)
         flagged = [name for name, s in subjects if s["grad.nonfinite"] != 0 or not math.isfinite(s["grad.norm"])]
         keep = set(top_k_subjects([s[0] for s in subjects], [s[1]["grad.norm"] for s in subjects], self.top_k,
                                   always=flagged))
@@ -333,11 +317,9 @@ class _GradientStatsMonitor(MonitorCallback):
         total_sq = sum(grad_sq[i] for i in range(n) if present[i])
         scalars[self.writer.tag("grad", "_total", "norm")] = math.sqrt(total_sq)
         if self._norm_every_step and self._ring is not None:
-            filled = [v for v in ring if v != 0.0]
-            scalars[self.writer.tag("grad", "_total", "norm_max")] = (
-                math.sqrt(max(filled, key=lambda v: float("inf") if v != v else v)) if filled else 0.0)
-            scalars[self.writer.tag("grad", "_total", "nonfinite_steps")] = float(
-                sum(1 for v in ring if not math.isfinite(v)))
+            norm_max, nonfinite_steps = ring_summary(ring)
+            scalars[self.writer.tag("grad", "_total", "norm_max")] = norm_max
+            scalars[self.writer.tag("grad", "_total", "nonfinite_steps")] = nonfinite_steps
         for name, stats in subjects:
             if name not in keep:
                 continue
@@ -374,16 +356,9 @@ class _GradientStatsMonitor(MonitorCallback):
 
         if self.diagnose:
             self._diagnose_step(trainer, pl_module, step, present, moves, depth)
-        if flagged:
-            names = ", ".join(flagged[:10]) + (" ..." if len(flagged) > 10 else "")
-            total_bad = sum(s["grad.nonfinite"] for n_, s in subjects if n_ in flagged)
-            self.raise_alert(
-                trainer, pl_module, rule="grad_nonfinite", severity=self.nonfinite_severity,
-                action=self.nonfinite_action, subject=flagged[0], value=total_bad, step=step,
-                message=(f"non-finite gradient values in {len(flagged)} parameter(s): {names}. Likely causes: a "
-                         f"learning rate too high, a log/div of zero in the loss, or NaN in the batch; check the "
-                         f"first layer named and the data."),
-            )
+        total_bad = sum(s["grad.nonfinite"] for n_, s in subjects if n_ in flagged)
+        self._report(trainer, pl_module, checks.nonfinite_gradient_finding(
+            flagged, total_bad, self.nonfinite_severity, self.nonfinite_action, step))
 
     # ----------------------------------------------------------------------------- diagnoses
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "init_scale_finding",
     "median_update",
     "missing_gradient_finding",
+    "nonfinite_gradient_finding",
     "orphan_finding",
     "overall_update_ratio",
     "stale_gradient_finding",
@@ -387,3 +388,21 @@ def future_leak_finding(where: str, leak: float, threshold: float, step: int) ->
                  f"future (no causal attention mask: a padding-only or bidirectional mask). It learns to "
                  f"copy the next token, and its training loss overstates what it can do; pass a causal "
                  f"mask (or the 2D padding mask and let the model add it)."))
+
+
+def nonfinite_gradient_finding(flagged: Sequence[str], count: float, severity: str, action: str,
+                               step: int) -> Optional[Finding]:
+    """``grad_nonfinite``: NaN/Inf gradient values in the parameters named (severity and action as configured).
+
+    Example:
+        >>> nonfinite_gradient_finding(["net.0.weight"], 3.0, "error", "warn", step=7).subject
+        'net.0.weight'
+    """
+    if not flagged:
+        return None
+    names = ", ".join(flagged[:10]) + (" ..." if len(flagged) > 10 else "")
+    return Finding(
+        "grad_nonfinite", severity, flagged[0], count, step=step, action=action,
+        message=(f"non-finite gradient values in {len(flagged)} parameter(s): {names}. Likely causes: a "
+                 f"learning rate too high, a log/div of zero in the loss, or NaN in the batch; check the "
+                 f"first layer named and the data."))

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from lightwatch.core.histogram import HIST_BINS, histogram_row
 from lightwatch.core.runtime import local_tensor
 
-__all__ = ["GradientReader", "fused_norms"]
+__all__ = ["GradientReader", "fused_norms", "group_stats", "ring_summary"]
 
 
 def fused_norms(tensors: List[torch.Tensor], order: float = 2.0) -> torch.Tensor:
@@ -93,3 +93,44 @@ class GradientReader:
             else:
                 rows.append(histogram_row(local_tensor(t.detach()), HIST_BINS).to(device))
         return torch.stack(rows)
+
+
+def group_stats(groups: Sequence[Tuple[str, List[int]]], grad_sq: Sequence[float], absmax: Sequence[float],
+                nonfinite: Sequence[float], present: Sequence[float], p_sq: Sequence[float],
+                before_sq: Sequence[float], delta_sq: Sequence[float]) -> List[Tuple[str, Dict[str, float]]]:
+    """Per group of parameters (host numbers, reduced over ranks): the statistics written as scalars.
+
+    Norms combine over the group's tensors; groups without any gradient are left out.
+
+    Example:
+        >>> [(name, stats["grad.norm"]) for name, stats in group_stats(
+        ...     [("net.0", [0, 1])], [9.0, 16.0], [2.0, 3.0], [0, 0], [1, 1], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0])]
+        [('net.0', 5.0)]
+    """
+    subjects: List[Tuple[str, Dict[str, float]]] = []
+    for name, idx in groups:
+        if not any(present[i] for i in idx):
+            continue
+        before = math.sqrt(sum(before_sq[i] for i in idx))
+        delta = math.sqrt(sum(delta_sq[i] for i in idx))
+        subjects.append((name, {
+            "grad.norm": math.sqrt(sum(grad_sq[i] for i in idx)),
+            "grad.absmax": max(absmax[i] for i in idx),
+            "grad.nonfinite": sum(nonfinite[i] for i in idx),
+            "param.norm": math.sqrt(sum(p_sq[i] for i in idx)),
+            "param.update_ratio": delta / before if before > 0 else (0.0 if delta == 0 else float("inf")),
+        }))
+    return subjects
+
+
+def ring_summary(ring: Sequence[float]) -> Tuple[float, float]:
+    """The largest global gradient norm of the steps in the ring (squared norms; NaN counts as largest) and how
+    many steps had a non-finite one.
+
+    Example:
+        >>> ring_summary([4.0, 0.0, 9.0])
+        (3.0, 0.0)
+    """
+    filled = [v for v in ring if v != 0.0]
+    norm_max = math.sqrt(max(filled, key=lambda v: float("inf") if v != v else v)) if filled else 0.0
+    return norm_max, float(sum(1 for v in ring if not math.isfinite(v)))
