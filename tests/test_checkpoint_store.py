@@ -285,3 +285,57 @@ def test_the_schedule_checks_every_n_steps_or_epochs_once() -> None:
     assert resumed.last_epoch_checked == 1 and CheckpointSchedule().epochs == 1
     with pytest.raises(ValueError, match="every_n_train_steps must be an integer >= 0"):
         CheckpointSchedule(every_n_train_steps=-1)
+
+
+# ------------------------------------------------------------------------------------------ report
+class _RankOneTrainer:
+    """What the report functions read of a Trainer (rank 1: nothing is written to files or loggers)."""
+
+    is_global_zero, global_step, current_epoch, sanity_checking = False, 5, 0, False
+    loggers: List[Any] = []
+
+    def __init__(self) -> None:
+        self.callback_metrics: Dict[str, Any] = {}
+
+        class State:
+            fn = "fit"
+        self.state = State()
+
+
+def test_checkpoint_warnings_are_rate_limited_per_rule_and_count_what_they_held_back() -> None:
+    from lightwatch.core.alerts import AlertCooldown
+    from lightwatch.core.checkpoint.report import SOURCE, publish_warning
+    from lightwatch.core.writer import MonitorWriter
+
+    trainer, writer, cooldown = _RankOneTrainer(), MonitorWriter("monitor"), AlertCooldown(100)
+    first = publish_warning(trainer, writer, cooldown, "ckpt", "val/loss", "checkpoint_dropped", "dropped a.ckpt",
+                            value=2)
+    assert first is not None and (first.source, first.subject, first.value, first.action) == (
+        SOURCE, "val/loss", 2.0, "log")
+    assert publish_warning(trainer, writer, cooldown, "ckpt", "val/loss", "checkpoint_dropped", "b") is None
+    assert publish_warning(trainer, writer, cooldown, "ckpt", None, "checkpoint_export_failed", "c") is not None
+    trainer.global_step = 105
+    later = publish_warning(trainer, writer, cooldown, "ckpt", "val/loss", "checkpoint_dropped", "dropped c.ckpt")
+    assert later is not None and later.message == "dropped c.ckpt (1 similar alert(s) suppressed.)"
+    trainer.is_global_zero = True  # the Python warning is rank 0's, and is given even when the record is held back
+    with pytest.warns(CheckpointWarning, match="dropped d.ckpt"):
+        publish_warning(trainer, writer, cooldown, "ckpt", None, "checkpoint_dropped", "dropped d.ckpt",
+                        python_warning=True)
+
+
+def test_a_save_reports_its_counters_and_an_exception_is_saved_only_where_it_is_safe() -> None:
+    from lightwatch.core.checkpoint.report import exception_item, exception_save, write_save
+    from lightwatch.core.writer import MonitorWriter
+
+    trainer = _RankOneTrainer()
+    sel = CheckpointSelection(monitor="loss", save_top_k=1)
+    save(sel, None, [("top_k", {"score": 0.25})], step=4)
+    assert write_save(trainer, MonitorWriter("monitor"), "ckpt", sel, sel.entries) == {
+        "monitor.ckpt/ckpt/saves": 1.0, "monitor.ckpt/ckpt/best": 0.25}
+    assert set(trainer.callback_metrics) == {"monitor.ckpt/ckpt/saves", "monitor.ckpt/ckpt/best"}
+    assert exception_save(trainer, RuntimeError("boom")) == (True, "")
+    assert exception_item(RuntimeError("x" * 600)) == ("exception", {"error": "RuntimeError: " + "x" * 486})
+    trainer.sanity_checking = True
+    assert exception_save(trainer, RuntimeError("boom")) == (False, "")
+    trainer.sanity_checking, trainer.global_step = False, 0
+    assert exception_save(trainer, RuntimeError("boom")) == (False, "")

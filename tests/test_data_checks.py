@@ -16,6 +16,8 @@ from conftest import Classifier, make_loader, make_trainer, read_alerts, read_ev
 from lightwatch.callbacks import DataQualityMonitor
 from lightwatch.callbacks.data_quality import CHECKS
 from lightwatch.checks.data import BUILTIN_CHECKS, CheckContext, DataCheck, builtin_check, parse_checks
+from lightwatch.checks.data.registry import import_check
+from lightwatch.checks.data_names import BUILTIN_DATA_CHECKS
 from lightwatch.checks.data.nonfinite import NonFinite
 
 HERE = os.path.dirname(__file__)
@@ -60,6 +62,17 @@ def test_every_built_in_check_is_a_small_class_in_a_module_of_its_own() -> None:
         assert builtin_check(name) is cls
     with pytest.raises(KeyError, match="no built-in data check 'nope'"):
         builtin_check("nope")
+
+
+def test_the_registry_imports_the_classes_its_torch_free_table_names() -> None:
+    assert list(BUILTIN_CHECKS) == list(BUILTIN_DATA_CHECKS)
+    for name, target in BUILTIN_DATA_CHECKS.items():
+        cls = BUILTIN_CHECKS[name]
+        assert f"{cls.__module__}.{cls.__name__}" == f"lightwatch.checks.data.{target}"
+    with pytest.raises(TypeError, match=r"BUILTIN_DATA_CHECKS\['duplicates'\] = 'leakage.Leakage' does not name"):
+        import_check("duplicates", "leakage.Leakage")
+    with pytest.raises(TypeError, match="a DataCheck called 'duplicates'"):
+        import_check("duplicates", "Duplicates")
 
 
 def test_the_hydra_schema_knows_every_built_in_check_and_setting() -> None:

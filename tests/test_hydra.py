@@ -590,6 +590,35 @@ def test_the_schema_module_imports_no_torch():
     assert "TORCH False" in result.stdout and "'monitor.yaml'" in result.stdout
 
 
+def test_a_new_built_in_data_check_name_flows_into_the_schema():
+    """A name added to the table of built-in data checks is a field of ``DataChecksConf``, with no edit of the
+    schema: Hydra then accepts its settings, types them, and switches it off with ``null``."""
+    code = textwrap.dedent("""
+        import sys
+        from lightwatch.checks.data_names import BUILTIN_DATA_CHECKS
+        BUILTIN_DATA_CHECKS["blank_rows"] = "blank_rows.BlankRows"  # test-only: the schema never imports the class
+        from hydra import compose, initialize_config_module
+        from hydra.errors import ConfigCompositionException
+        from lightwatch.hydra import DataChecksConf
+        print("FIELDS", list(DataChecksConf.__dataclass_fields__)[-2:], "TORCH", "torch" in sys.modules)
+        with initialize_config_module("lightwatch.conf", version_base="1.3"):
+            def checks(*overrides):
+                return compose(overrides=["+monitor=default", *overrides]).monitor.data_quality.checks
+            print("DEFAULT", checks().blank_rows.alpha)
+            print("SET", checks("monitor.data_quality.checks.blank_rows.alpha=0.5").blank_rows.alpha)
+            print("OFF", checks("monitor.data_quality.checks.blank_rows=null").blank_rows)
+            try:
+                checks("monitor.data_quality.checks.blank_rows.alpha=often")
+            except ConfigCompositionException as exc:
+                print("TYPED", "blank_rows.alpha" in f"{exc} {exc.__cause__}")
+    """)
+    result = run_python(["-c", code], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "FIELDS ['padding_in_loss', 'blank_rows'] TORCH False" in out, out
+    assert "DEFAULT None" in out and "SET 0.5" in out and "OFF None" in out and "TYPED True" in out, out
+
+
 def test_the_wheel_ships_every_config_file_and_the_plugin(tmp_path):
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")

@@ -595,3 +595,14 @@ def test_atomic_helpers_leave_the_old_version_on_failure(tmp_path: Any) -> None:
     assert json.load(open(tmp_path / "copy.json")) == {"a": 1}
     assert os.path.basename(temp_path_for("/x/last.ckpt", "t")) == ".last.ckpt.tmp-t"
     assert hashlib.sha256(open(path, "rb").read()).hexdigest() == sha256_path(path)
+
+
+def test_the_saved_state_keeps_its_keys_and_their_order() -> None:
+    ck = MetricCheckpoint(monitor="val/loss", every_n_train_steps=3, thresholds={"t": {"metric": "acc", "above": 1}})
+    state = ck.state_dict()
+    assert list(state) == ["version", "run", "dirpath", "monitor", "seq", "saves", "entries", "errors_since_save",
+                           "armed", "last_check_step", "last_epoch_checked", "last_alert_save_step",
+                           "best_model_path", "best_model_score", "last_model_path"]
+    assert (state["monitor"], state["armed"], state["best_model_path"], state["best_model_score"]) == (
+        "val/loss", {"t": True}, "", None)
+    assert ck._value_keys == ["acc", "val/loss"]

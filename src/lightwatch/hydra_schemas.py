@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, TypeVar
 
 from omegaconf import MISSING
+
+# The torch-free table of the built-in data checks (not the ``lightwatch.checks.data`` package, which imports torch).
+from lightwatch.checks.data_names import BUILTIN_DATA_CHECKS
 
 __all__ = [
     "ActStatsConf",
@@ -425,31 +428,52 @@ class DataCheckConf:
     min_rows: Optional[float] = None
 
 
+_Schema = TypeVar("_Schema", bound=type)
+
+
+def check_fields(names: Iterable[str]) -> Callable[[_Schema], _Schema]:
+    """A class decorator, applied under ``@dataclass``: one field ``Optional[DataCheckConf]`` (default: every
+    setting ``null``) per check name, in the order given.
+
+    Args:
+        names: the check names, e.g. the keys of :data:`lightwatch.checks.data_names.BUILTIN_DATA_CHECKS`.
+
+    Example:
+        >>> @dataclass
+        ... @check_fields(["nonfinite", "blank_rows"])
+        ... class TwoChecks:
+        ...     pass
+        >>> list(TwoChecks.__dataclass_fields__), TwoChecks().blank_rows.alpha is None
+        (['nonfinite', 'blank_rows'], True)
+    """
+    names = list(names)
+
+    def add_fields(cls: _Schema) -> _Schema:
+        annotations = dict(cls.__dict__.get("__annotations__", {}))
+        for name in names:
+            if name in annotations:
+                raise ValueError(f"{cls.__name__}: check {name!r} is named twice; every check name needs one field.")
+            annotations[name] = Optional[DataCheckConf]
+            setattr(cls, name, field(default_factory=DataCheckConf))
+        cls.__annotations__ = annotations
+        return cls
+
+    return add_fields
+
+
 @dataclass
+@check_fields(BUILTIN_DATA_CHECKS)
 class DataChecksConf:
     """Every check of :class:`~lightwatch.callbacks.DataQualityMonitor`; set one to ``null`` to switch it off.
+
+    One ``Optional[DataCheckConf]`` field per built-in check, named and ordered as in
+    :data:`lightwatch.checks.data_names.BUILTIN_DATA_CHECKS`, so a new built-in check can be set from a policy
+    as soon as it is in that table.
 
     Example:
         >>> sorted(DataChecksConf().__dataclass_fields__)[:3], DataChecksConf().drift.alpha is None
         (['class_imbalance', 'constant', 'drift'], True)
     """
-
-    nonfinite: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    label_range: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    out_of_range: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    schema: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    empty_batch: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    unnormalised: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    drift: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    drift_ref: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    label_shift: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    label_shift_ref: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    constant: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    duplicates: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    leakage: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    class_imbalance: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    labels_unrelated: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
-    padding_in_loss: Optional[DataCheckConf] = field(default_factory=DataCheckConf)
 
 
 @dataclass

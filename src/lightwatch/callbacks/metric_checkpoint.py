@@ -10,24 +10,23 @@ The callback adapts the parts of :mod:`lightwatch.core.checkpoint` to the Traine
 (:class:`~lightwatch.core.checkpoint.schedule.CheckpointSchedule`), what to save and keep
 (:class:`~lightwatch.core.checkpoint.selection.CheckpointSelection`), the directory and its manifest
 (:class:`~lightwatch.core.checkpoint.store.CheckpointStore`), the file names
-(:class:`~lightwatch.core.checkpoint.naming.FileNamer`) and the collective steps of a save
-(:mod:`lightwatch.core.checkpoint.trainer`).
+(:class:`~lightwatch.core.checkpoint.naming.FileNamer`), the collective steps of a save
+(:mod:`lightwatch.core.checkpoint.trainer`) and what it reports (:mod:`lightwatch.core.checkpoint.report`).
 """
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 from weakref import proxy
 
-from torch.nn.parameter import is_lazy
-
-from lightwatch.core.alerts import Alert, AlertCooldown, MonitorError, alert_log, severity_at_least
+from lightwatch.core.alerts import Alert, AlertCooldown, alert_log, severity_at_least
 from lightwatch.core.checkpoint.attributes import AssignedAttribute, PartAttribute
 from lightwatch.core.checkpoint.errors import CheckpointSaveError, CheckpointWarning
 from lightwatch.core.checkpoint.naming import FileNamer, finite_or_none, safe_name_part, template_fields
+from lightwatch.core.checkpoint.report import SOURCE as _SOURCE
+from lightwatch.core.checkpoint.report import exception_item, exception_save, publish_warning, write_save
 from lightwatch.core.checkpoint.schedule import CheckpointSchedule
 from lightwatch.core.checkpoint.selection import REASONS, REQUESTABLE_REASONS, CheckpointSelection, Item
 from lightwatch.core.checkpoint.store import MANIFEST_NAME, MANIFEST_VERSION, CheckpointStore, local_dirpath
@@ -36,6 +35,7 @@ from lightwatch.core.checkpoint.trainer import (
     export_best,
     fitting,
     monitor_problem,
+    param_bytes,
     read_rank0_values,
     reconcile,
     resolve_dirpath,
@@ -44,7 +44,7 @@ from lightwatch.core.checkpoint.trainer import (
 )
 from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.rng import collect_rng_state, restore_rng_state
-from lightwatch.core.runtime import distributed_ready, is_global_zero, is_sharded_strategy, logging_step
+from lightwatch.core.runtime import is_global_zero
 from lightwatch.core.writer import MonitorWriter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,37 +65,17 @@ __all__ = [
 
 logger = logging.getLogger("lightwatch")
 
-_SOURCE = "MetricCheckpoint"
-
 
 class _MetricCheckpoint:
     """Save checkpoints on a monitored metric (top-k), thresholds, intervals, alerts and exceptions, safely.
 
-    What it saves, and when (``reason`` in the manifest):
-
-    - ``top_k``: at every check (every ``every_n_epochs`` epochs by default, or every ``every_n_train_steps``
-      steps) the monitored metric is compared with the ``save_top_k`` best so far; a better value is saved and
-      the worst one deleted after. A NaN, infinite or missing value is never saved as top-k, so it never
-      becomes best. Without ``monitor``, checks save ``interval`` checkpoints and keep the ``save_top_k`` newest.
-    - ``last``: ``last.ckpt`` is rewritten at every check (and at the end of training), whether or not the
-      metric improved.
-    - ``threshold``: ``thresholds={"acc90": {"metric": "val/acc", "above": 0.9}}`` saves once when the value
-      reaches the bound (``>=``; ``below`` means ``<=``), and again only after it went back across.
-    - ``alert``: the ``checkpoint`` action of any lightwatch rule (or :meth:`request_save`) saves at the next
-      safe point of the loop (end of the current optimizer step, or of validation), once, on every rank.
-    - ``exception``: with ``save_on_exception``, the state when training raised (single process, or a
-      ``MonitorError`` raised on every rank).
-
-    Guarantees: a file is written under a temporary name in ``dirpath``, fsynced, renamed onto its final name
-    and the directory fsynced; ``manifest.json`` (SHA-256, size, step, metrics, healthy mark of every file) is
-    rewritten the same way after every change; older files are deleted only after the newer one is committed
-    and recorded. Free space is checked before writing. A failed write removes the partial file, keeps every
-    earlier checkpoint and raises the same :class:`CheckpointSaveError` on every rank (no hang). On resume the
-    manifest is re-read and every file checked: missing or altered files are dropped with a warning.
-
-    A checkpoint is *healthy* when no alert of severity ``error`` or worse was published since the previous
-    save and the parameters are finite; :meth:`latest_healthy` returns the newest healthy one, and rotation
-    never deletes it before a newer healthy one exists (it may keep one extra file for that, marked pinned).
+    Each file is recorded in ``manifest.json`` with its ``reason`` (``top_k``, ``last``, ``threshold``,
+    ``interval``, ``alert``, ``exception``), committed atomically, and deleted only after a newer one is
+    committed; a failed write raises the same :class:`CheckpointSaveError` on every rank and keeps every earlier
+    file. A checkpoint is *healthy* when no alert of severity ``error`` or worse was published since the previous
+    save and the parameters are finite; :meth:`latest_healthy` returns the newest healthy one. What is saved
+    when is in the guide (``docs/callbacks/metric-checkpoint.md``); the guarantees and the manifest's format in
+    ``docs/checkpoints.md``.
 
     Args:
         dirpath: directory of the checkpoints and ``manifest.json``; default ``<logger dir>/checkpoints`` (as
@@ -216,10 +196,7 @@ class _MetricCheckpoint:
         self.name = str(name)
         self.writer = MonitorWriter(prefix)
         self._cooldown = AlertCooldown(100)
-        # Metric keys read at each check, in one fixed order so every rank packs the same buffer.
-        fields = [f for f in self._template_fields if f not in ("epoch", "step")]
-        self._value_keys: List[str] = sorted(set(fields + [t["metric"] for t in self.thresholds.values()]
-                                                 + ([monitor] if monitor else [])))
+        self._value_keys: List[str] = self._selection.value_keys(self._template_fields)
         # values Lightning (or a user) assigned to the attributes it writes on a checkpoint callback, as on
         # ModelCheckpoint; they stand until the next commit changes the entries they were derived from
         self._assigned: Dict[str, Any] = {}
@@ -335,9 +312,7 @@ class _MetricCheckpoint:
             self._start(trainer, pl_module)
 
     def _start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # lazy parameters (LazyLinear before its first forward) have no size yet: the first save measures it
-        size = sum(p.numel() * p.element_size() for p in pl_module.parameters() if not is_lazy(p))
-        self._store.param_bytes = size * max(1, int(trainer.world_size)) if is_sharded_strategy(trainer) else size
+        self._store.param_bytes = param_bytes(trainer, pl_module)
         self._reconcile(trainer)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
@@ -371,9 +346,7 @@ class _MetricCheckpoint:
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._ready:
             return
-        lasts = self._selection.pool("last")
-        stale_last = self.save_last and (not lasts or lasts[-1]["step"] != trainer.global_step)
-        if trainer.global_step > 0 and stale_last:
+        if trainer.global_step > 0 and self._selection.last_is_stale(trainer.global_step):
             self.request_save("last")
         if self._selection.requests:
             self._check(trainer, pl_module, trigger=None)
@@ -383,18 +356,14 @@ class _MetricCheckpoint:
         self.writer.flush(trainer)
         if not (self.save_on_exception and self._ready) or self._saving or isinstance(exception, CheckpointSaveError):
             return
-        if trainer.sanity_checking or not fitting(trainer) or trainer.global_step == 0:
-            return
-        if distributed_ready() and not isinstance(exception, MonitorError):
-            # Saving is a collective: only an exception known to be raised on every rank can be saved safely.
-            self._warn(trainer, "exception_not_saved",
-                       f"MetricCheckpoint: no exception checkpoint for {type(exception).__name__}: under "
-                       "distributed training the other ranks may not be at the same point, and a save would hang.")
+        allowed, why_not = exception_save(trainer, exception)
+        if why_not:
+            self._warn(trainer, "exception_not_saved", why_not)
+        if not allowed:
             return
         try:
             values = read_rank0_values(trainer, self._value_keys) if self._value_keys else {}
-            error = f"{type(exception).__name__}: {exception}"[:500]
-            self._save_round(trainer, pl_module, [("exception", {"error": error})], values)
+            self._save_round(trainer, pl_module, [exception_item(exception)], values)
         except Exception as exc:  # never hide the exception that ended training
             logger.error("MetricCheckpoint: the exception checkpoint could not be saved: %s", exc)
 
@@ -410,17 +379,9 @@ class _MetricCheckpoint:
         self.writer.flush(trainer)
 
     def state_dict(self) -> Dict[str, Any]:
-        sel = self._selection.state_dict()
-        return {
-            "version": MANIFEST_VERSION, "run": self._store.run, "dirpath": self.dirpath, "monitor": self.monitor,
-            "seq": sel["seq"], "saves": sel["saves"], "entries": sel["entries"],
-            "errors_since_save": sel["errors_since_save"], "armed": sel["armed"],
-            **self._schedule.state_dict(),
-            "last_alert_save_step": sel["last_alert_save_step"],
-            "best_model_path": self.best_model_path,
-            "best_model_score": finite_or_none(self.best_model_score),
-            "last_model_path": self.last_model_path,
-        }
+        paths = {"best_model_path": self.best_model_path, "best_model_score": finite_or_none(self.best_model_score),
+                 "last_model_path": self.last_model_path}
+        return self._store.state_dict(self._schedule.state_dict(), paths)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._state_loaded = True
@@ -465,18 +426,12 @@ class _MetricCheckpoint:
             self._saving = False
 
     def _after_save(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", plan: Dict[str, Any]) -> None:
-        new = plan["new"]
-        step = logging_step(trainer)
-        values: Dict[str, float] = {self.writer.tag("ckpt", self.name, "saves"): float(self._selection.saves)}
-        best = self._selection.best_entry()
-        if best is not None and best.get("score") is not None:
-            values[self.writer.tag("ckpt", self.name, "best")] = float(best["score"])
-        self.writer.write_scalars(trainer, values, step)
+        write_save(trainer, self.writer, self.name, self._selection, plan["new"])
         if is_global_zero(trainer):
-            self.writer.write_text(trainer, self.writer.tag("ckpt", self.name), self._selection.describe(new), step)
             for lg in list(getattr(trainer, "loggers", None) or []):
                 lg.after_save_checkpoint(proxy(self))
-        if self.export and best is not None and any(e is best for e in new) and best["reason"] == "top_k":
+        best = self._selection.best_entry()
+        if self.export and best is not None and any(e is best for e in plan["new"]) and best["reason"] == "top_k":
             problem = export_best(trainer, pl_module, self._store, self.export, best)
             if problem:
                 self._warn(trainer, "checkpoint_export_failed", problem)
@@ -500,18 +455,8 @@ class _MetricCheckpoint:
     def _warn(self, trainer: "pl.Trainer", rule: str, message: str, value: Optional[float] = None,
               python_warning: bool = False) -> None:
         """An alert record (warning) from this callback; rate-limited per rule."""
-        step = logging_step(trainer)
-        if python_warning and is_global_zero(trainer):
-            warnings.warn(message, CheckpointWarning, stacklevel=3)
-        allowed, suppressed = self._cooldown.allow(rule, self.name, step)
-        if not allowed:
-            return
-        if suppressed:
-            message += f" ({suppressed} similar alert(s) suppressed.)"
-        alert = Alert(source=_SOURCE, rule=rule, severity="warning", message=message, subject=self.monitor,
-                      value=None if value is None else float(value), action="log", step=step,
-                      epoch=int(getattr(trainer, "current_epoch", 0)))
-        alert_log(trainer).publish(alert, self.writer)
+        publish_warning(trainer, self.writer, self._cooldown, self.name, self.monitor, rule, message, value,
+                        python_warning)
 
 
 #: The class to add to ``Trainer(callbacks=[...])``: the implementation above bound to the installed

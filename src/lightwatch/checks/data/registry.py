@@ -1,41 +1,44 @@
 """The built-in data checks by name, and how ``DataQualityMonitor(checks=...)`` is read.
 
-The registry is an explicit table: adding a built-in check is one module under ``lightwatch.checks.data``
-plus its line here (and its line in the Hydra schema ``DataChecksConf`` so a policy can set it).
+The built-in checks are listed once, by name and class, in the torch-free table
+:data:`lightwatch.checks.data_names.BUILTIN_DATA_CHECKS`; :data:`BUILTIN_CHECKS` holds their classes, imported
+from it, and the Hydra schema ``DataChecksConf`` takes one field per name from the same table. Adding a built-in
+check is therefore one module under ``lightwatch.checks.data``, its line in that table, and a test.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from lightwatch.checks.data.base import DataCheck, check_tiers
-from lightwatch.checks.data.class_imbalance import ClassImbalance
-from lightwatch.checks.data.constant import Constant
-from lightwatch.checks.data.drift import Drift
-from lightwatch.checks.data.drift_ref import DriftRef
-from lightwatch.checks.data.duplicates import Duplicates
-from lightwatch.checks.data.empty_batch import EmptyBatch
-from lightwatch.checks.data.label_range import LabelRange
-from lightwatch.checks.data.label_shift import LabelShift
-from lightwatch.checks.data.label_shift_ref import LabelShiftRef
-from lightwatch.checks.data.labels_unrelated import LabelsUnrelated
-from lightwatch.checks.data.leakage import Leakage
-from lightwatch.checks.data.nonfinite import NonFinite
-from lightwatch.checks.data.out_of_range import OutOfRange
-from lightwatch.checks.data.padding_in_loss import PaddingInLoss
-from lightwatch.checks.data.schema import SchemaChange
-from lightwatch.checks.data.unnormalised import Unnormalised
+from lightwatch.checks.data_names import BUILTIN_DATA_CHECKS
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.alerts import check_severity
 
-__all__ = ["BUILTIN_CHECKS", "CheckSpec", "builtin_check", "check_table", "parse_checks"]
+__all__ = ["BUILTIN_CHECKS", "CheckSpec", "builtin_check", "check_table", "import_check", "parse_checks"]
 
-#: The built-in checks by name, per-batch tier first, in the order they are documented and configured.
+
+def import_check(name: str, target: str) -> Type[DataCheck]:
+    """The class of the built-in check ``name`` from its line in the table: ``target`` is ``"<module>.<Class>"``
+    under ``lightwatch.checks.data``. A ``TypeError`` when it is not a :class:`DataCheck` called ``name``.
+
+    Example:
+        >>> import_check("duplicates", "duplicates.Duplicates").__name__
+        'Duplicates'
+    """
+    module, _, class_name = target.rpartition(".")
+    cls = getattr(importlib.import_module(f"{__package__}.{module}"), class_name, None) if module else None
+    if not (isinstance(cls, type) and issubclass(cls, DataCheck) and cls.name == name):
+        raise TypeError(f"lightwatch.checks.data_names.BUILTIN_DATA_CHECKS[{name!r}] = {target!r} does not name a "
+                        f"DataCheck called {name!r}; give \"<module>.<Class>\" of a class under lightwatch.checks.data "
+                        f"whose name is {name!r}.")
+    return cls
+
+
+#: The built-in checks by name, per-batch tier first, in the order they are documented and configured (the order
+#: of :data:`~lightwatch.checks.data_names.BUILTIN_DATA_CHECKS`).
 BUILTIN_CHECKS: Dict[str, Type[DataCheck]] = {
-    cls.name: cls for cls in (
-        NonFinite, LabelRange, OutOfRange, SchemaChange, EmptyBatch, Unnormalised,
-        Drift, DriftRef, LabelShift, LabelShiftRef, Constant, Duplicates, Leakage, ClassImbalance,
-        LabelsUnrelated, PaddingInLoss,
-    )
+    name: import_check(name, target) for name, target in BUILTIN_DATA_CHECKS.items()
 }
 
 #: What ``checks=`` accepts: ``{name: settings | bool | None | DataCheck}``, or a list of names and checks.

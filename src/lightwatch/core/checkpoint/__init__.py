@@ -6,6 +6,8 @@
 - :mod:`~lightwatch.core.checkpoint.store`: how files and ``manifest.json`` are committed, verified and deleted;
 - :mod:`~lightwatch.core.checkpoint.naming`: file names from templates;
 - :mod:`~lightwatch.core.checkpoint.trainer`: the steps of a save taken through a running Trainer (duck-typed);
+- :mod:`~lightwatch.core.checkpoint.report`: the callback's warnings (alert records), the scalars and text of a
+  save, and whether a save may follow an exception;
 - :mod:`~lightwatch.core.checkpoint.action`: the ``checkpoint`` action and the :class:`CheckpointTarget` protocol;
 - :mod:`~lightwatch.core.checkpoint.attributes`: attributes kept by a part, or computed unless assigned.
 

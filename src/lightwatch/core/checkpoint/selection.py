@@ -390,6 +390,28 @@ class CheckpointSelection:
             f"`{e['file']}` ({e['reason']}, step {e['step']}, {'healthy' if e['healthy'] else 'unhealthy'}"
             + (f", score {e['score']:.6g}" if e.get("score") is not None else "") + ")" for e in entries)
 
+    def last_is_stale(self, step: int) -> bool:
+        """Whether ``last.ckpt`` is kept and does not hold ``step`` yet (checked at the end of training).
+
+        Example:
+            >>> CheckpointSelection(save_last=True).last_is_stale(8), CheckpointSelection().last_is_stale(8)
+            (True, False)
+        """
+        lasts = self.pool("last")
+        return bool(self.save_last) and (not lasts or lasts[-1]["step"] != step)
+
+    def value_keys(self, template_fields: Iterable[str]) -> List[str]:
+        """The metrics a check reads: those of the file-name template, the thresholds' and ``monitor``, sorted,
+        so that every rank packs them in the same order.
+
+        Example:
+            >>> CheckpointSelection(monitor="val/loss").value_keys(["epoch", "val/acc", "step"])
+            ['val/acc', 'val/loss']
+        """
+        fields = [f for f in template_fields if f not in ("epoch", "step")]
+        thresholds = [t["metric"] for t in self.thresholds.values()]
+        return sorted(set(fields + thresholds + ([self.monitor] if self.monitor else [])))
+
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         return {

@@ -238,6 +238,20 @@ class CheckpointStore:
         self.run = str(manifest.get("run") or self.run)
         self.events = list(manifest.get("events") or [])
 
+    def state_dict(self, schedule: Mapping[str, Any], paths: Mapping[str, Any]) -> Dict[str, Any]:
+        """A checkpoint callback's saved state: the run, the directory, the selection's counters and entries,
+        ``schedule`` (the schedule's state) and ``paths`` (``best_model_path``, ``best_model_score`` and
+        ``last_model_path`` as the callback reports them), in the order the callback has always saved them."""
+        sel = self.selection.state_dict()
+        return {
+            "version": MANIFEST_VERSION, "run": self.run, "dirpath": self.dirpath, "monitor": self.selection.monitor,
+            "seq": sel["seq"], "saves": sel["saves"], "entries": sel["entries"],
+            "errors_since_save": sel["errors_since_save"], "armed": sel["armed"],
+            **schedule,
+            "last_alert_save_step": sel["last_alert_save_step"],
+            **paths,
+        }
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """The run, counters and entries of a checkpoint callback's saved state; the entries are only a fallback
         until the manifest, the record of truth, is read at train start (:meth:`read_and_verify`)."""

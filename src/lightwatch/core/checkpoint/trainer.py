@@ -11,6 +11,7 @@ import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from lightwatch.core.checkpoint.naming import FileNamer, metric_values, utc_now
 from lightwatch.core.checkpoint.selection import CheckpointSelection, Item
@@ -26,6 +27,7 @@ __all__ = [
     "export_best",
     "fitting",
     "monitor_problem",
+    "param_bytes",
     "params_finite",
     "read_rank0_values",
     "reconcile",
@@ -118,6 +120,21 @@ def read_rank0_values(trainer: Any, keys: Sequence[str]) -> Dict[str, float]:
     flat = buf.tolist()
     n = len(keys)
     return {k: flat[n + i] for i, k in enumerate(keys) if flat[i] > 0.5}
+
+
+def param_bytes(trainer: Any, pl_module: Any) -> int:
+    """The model's size in bytes, the free-space estimate before the first save (the whole model under a sharded
+    strategy, where every rank holds a shard); parameters not materialised yet do not count.
+
+    Example:
+        >>> class Trainer:
+        ...     world_size = 1
+        >>> param_bytes(Trainer(), torch.nn.Linear(2, 1))
+        12
+    """
+    # lazy parameters (LazyLinear before its first forward) have no size yet: the first save measures it
+    size = sum(p.numel() * p.element_size() for p in pl_module.parameters() if not is_lazy(p))
+    return size * max(1, int(trainer.world_size)) if is_sharded_strategy(trainer) else size
 
 
 def params_finite(pl_module: Any) -> bool:
