@@ -590,6 +590,15 @@ def test_the_schema_module_imports_no_torch():
     assert "TORCH False" in result.stdout and "'monitor.yaml'" in result.stdout
 
 
+def test_a_policy_lists_the_data_checks_to_run_by_name():
+    dq = by_type(monitors("monitor.data_quality.only_checks=[nonfinite,schema]",
+                          "monitor.data_quality.checks.schema.action=stop"))[DataQualityMonitor]
+    assert sorted(name for name, check in dq.checks.items() if check.enabled) == ["nonfinite", "schema"]
+    assert dq.checks["schema"].action == "stop"
+    with pytest.raises(MonitorConfigError, match=r"unknown data check\(s\) 'nonfinit' \(did you mean 'nonfinite'\?\)"):
+        monitors("monitor.data_quality.only_checks=[nonfinit]")
+
+
 def test_a_new_built_in_data_check_name_flows_into_the_schema():
     """A name added to the table of built-in data checks is a field of ``DataChecksConf``, with no edit of the
     schema: Hydra then accepts its settings, types them, and switches it off with ``null``."""

@@ -17,6 +17,8 @@ app, and the callbacks are imported only when :func:`instantiate_monitors` build
 """
 from __future__ import annotations
 
+import difflib
+
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
@@ -227,9 +229,20 @@ def _drop_unset_rule_keys(container: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _drop_unset_check_keys(container: Dict[str, Any]) -> Dict[str, Any]:
-    # Likewise for data checks: null settings are unset; a check set to null is switched off.
+    # Likewise for data checks: null settings are unset; a check set to null is switched off. `only_checks`
+    # lists the checks to run by name: every other one is switched off.
     checks = container.get("checks")
+    only = container.pop("only_checks", None)
     if isinstance(checks, dict):
+        if only is not None:
+            unknown = [name for name in only if name not in checks]
+            if unknown:
+                close = {n: difflib.get_close_matches(n, list(checks), n=1) for n in unknown}
+                hints = "; ".join(f"{n!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for n, c in close.items())
+                raise MonitorConfigError(
+                    f"lightwatch: `monitor.data_quality.only_checks` names unknown data check(s) {hints}; the "
+                    f"checks are: {', '.join(checks)}.")
+            checks = {name: spec if name in only else None for name, spec in checks.items()}
         container["checks"] = {name: False if spec is None else {k: v for k, v in spec.items() if v is not None}
                                for name, spec in checks.items()}
     return container

@@ -521,6 +521,8 @@ class DataQualityConf:
     distribution: bool = True
     duplicates: bool = True
     checks: DataChecksConf = field(default_factory=DataChecksConf)
+    # run only these checks, by name (every other one off); null runs every check not set to null in `checks`
+    only_checks: Optional[List[str]] = None
     profile_path: Optional[str] = "auto"
     save_hashes: bool = False
     top_k: int = 10
