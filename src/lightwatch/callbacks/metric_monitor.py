@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 import torch
 
+from lightwatch.checks.label_entropy import AT_LABEL_ENTROPY as _AT_LABEL_ENTROPY
+from lightwatch.checks.label_entropy import CAUSES as _LABEL_CAUSES
+from lightwatch.checks.label_entropy import LabelEntropyCheck
 from lightwatch.checks.learning import CAUSES as _LEARNING_CAUSES
 from lightwatch.checks.learning import LearningCheck
 from lightwatch.checks.metric_rules import NEGATIVE as _NEGATIVE
@@ -16,7 +19,7 @@ from lightwatch.core.default_rules import default_rules
 from lightwatch.core.loss_ring import LossRing
 from lightwatch.core.metric_values import RuleValues
 from lightwatch.core.actions import MonitorWarning
-from lightwatch.core.alerts import alert_log
+from lightwatch.core.alerts import alert_log, severity_at_least
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.recovery import (
     Recovery,
@@ -69,8 +72,11 @@ class _MetricMonitor(MonitorCallback):
     ``loss_negative`` (a finite training loss below 0 on any rank, at every ``step`` check: cross-entropy or
     NLL applied to raw logits; ``warning``) and ``loss_not_learning`` / ``loss_slow`` (the loss judged on its
     own batch-to-batch noise over windows that double with the run, named after an earlier finding that
-    explains it when there is one; :mod:`lightwatch.checks.learning`). Neither costs a read of its own: they
-    read what the step checks read. ``loss_not_learning`` is skipped under manual optimisation with several
+    explains it when there is one; :mod:`lightwatch.checks.learning`), with ``loss_at_label_entropy`` (the loss
+    came down to the entropy of the integer labels of the first batches and stays there: the labels likely do
+    not belong to their inputs; ``warning``; :mod:`lightwatch.checks.label_entropy`). None costs a read of its
+    own: they read what the step checks read (the labels are read once, at the first evaluation).
+    ``loss_not_learning`` and ``loss_at_label_entropy`` are skipped under manual optimisation with several
     optimizers (GANs, actor-critic), whose losses are adversaries or separate objectives.
 
     When rules are checked (``check_on``): ``step`` every ``every_n_steps`` optimizer steps (on
@@ -147,7 +153,9 @@ class _MetricMonitor(MonitorCallback):
         # `loss_negative` is a built-in check, not a rule: None switches it off, a rule of that name replaces it
         self.negative_loss_check = bool(builtin_rules) and _NEGATIVE not in user
         self.learning_check = bool(builtin_rules) and _NOT_LEARNING not in user
-        specs.update({str(k): v for k, v in user.items() if not (k in (_NEGATIVE, _NOT_LEARNING) and v is None)})
+        self.label_check = bool(builtin_rules) and _AT_LABEL_ENTROPY not in user
+        specs.update({str(k): v for k, v in user.items()
+                      if not (k in (_NEGATIVE, _NOT_LEARNING, _AT_LABEL_ENTROPY) and v is None)})
         self.rules = RuleSet(specs, where=where, default_cooldown=self.cooldown.steps)
         if snapshots is not None and (isinstance(snapshots, bool) or int(snapshots) != snapshots or snapshots < 0):
             raise ValueError(f"{where}: snapshots must be an integer >= 0 or None, got {snapshots!r}.")
@@ -177,13 +185,16 @@ class _MetricMonitor(MonitorCallback):
         step_metrics = set(RuleSet.metrics_of(self._due["step"]))
         every_metrics = set(RuleSet.metrics_of(self._due["every_step"]))
         self._loss_every_step = self.loss_metric in every_metrics
-        self._loss_sampled = self.loss_metric in step_metrics or self.negative_loss_check or self.learning_check
+        self._loss_sampled = (self.loss_metric in step_metrics or self.negative_loss_check or self.learning_check
+                              or self.label_check)
         # every step's loss is kept only when a rule reads a per-step score (the default loss_shift does)
         self.step_spike_check = any(m in r.metrics for r in self.rules.rules
                                     for m in (self.step_z_metric, self.shift_z_metric, self.regress_metric))
         self._regress_check = any(self.regress_metric in r.metrics for r in self.rules.rules)
         self._negative_since: Optional[int] = None  # first check that saw a negative loss
         self._learning = LearningCheck(self.loss_metric)  # loss_not_learning / loss_slow
+        self._labels = LabelEntropyCheck(self.loss_metric)  # loss_at_label_entropy
+        self._labels.checked = not self.label_check
         # every step's loss on the device (the loss scores, and the not-learning blocks while that check is open)
         self._losses = LossRing(interval=1)  # sized at setup, when the interval is known
         self._phase_lrs: Optional[List[float]] = None
@@ -240,7 +251,7 @@ class _MetricMonitor(MonitorCallback):
 
     # -------------------------------------------------------------------------------- hot path
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
-        learning = self.learning_check and not self._learning.checked
+        learning = self._learning_open()
         if not (learning or self._loss_every_step or self.step_spike_check or (self.sampled and self._loss_sampled)):
             return
         value = loss.detach()
@@ -263,8 +274,7 @@ class _MetricMonitor(MonitorCallback):
         self._opt_step = step
         self._step_loss, self._loss_acc = self._loss_acc, None
         # the per-step loss ring serves the shift/regress scores and, while it is open, the not-learning check
-        if (self.step_spike_check or (self.learning_check and not self._learning.checked)) \
-                and self._step_loss is not None:
+        if (self.step_spike_check or self._learning_open()) and self._step_loss is not None:
             self._losses.remember(self._step_loss)
         if self._grad_every_step or (self.sampled and self._grad_sampled):
             self._step_grad = self._grad_norm(pl_module)
@@ -281,6 +291,8 @@ class _MetricMonitor(MonitorCallback):
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._labels.collecting:  # the first batches' labels, kept on the device for loss_at_label_entropy
+            self._labels.observe(batch)
         if self._opt_step != logging_step(trainer):  # inside a gradient-accumulation window: no update yet
             return
         if self.recovery.pending:  # asked for inside the optimizer step; this is the first safe point
@@ -328,7 +340,7 @@ class _MetricMonitor(MonitorCallback):
         snapshot = (point == "step" and self.recovery.ring.size > 0 and (step + 1) % self._snapshot_interval == 0
                     and not self.recovery.pending)
         negative = point == "step" and self.negative_loss_check
-        learning = point == "step" and self.learning_check and not self._learning.checked
+        learning = point == "step" and self._learning_open()
         if not rules and not snapshot and not negative and not learning:
             if point != "every_step":
                 self._write(trainer, step, counters=point == "step")
@@ -362,6 +374,10 @@ class _MetricMonitor(MonitorCallback):
         finding = negative_loss_finding(self.loss_metric, stats.min, stats.nonfinite, step, self._negative_since)
         self.raise_alert(trainer, pl_module, **finding.as_kwargs())
 
+    def _learning_open(self) -> bool:
+        """Whether the not-learning or the label-entropy check still needs the loss blocks."""
+        return self.learning_check and not self._learning.checked or self.label_check and not self._labels.checked
+
     def _remember_learning(self, trainer: Any, stats: Dict[str, MetricStats], step: int) -> None:
         """Keep this check's block of losses (reduced over ranks, as host floats) and the learning rates."""
         mean, square = stats.get(self.block_mean_metric), stats.get(self.block_square_metric)
@@ -379,23 +395,40 @@ class _MetricMonitor(MonitorCallback):
         """
         step = logging_step(trainer)
         if not getattr(pl_module, "automatic_optimization", True) and len(getattr(trainer, "optimizers", ())) > 1:
-            self._learning.checked = True
+            self._learning.checked = self._labels.checked = True
             return
-        readings, finding = self._learning.judge(step, lambda: self._earlier_cause(trainer))
+        if self.learning_check:
+            readings, finding = self._learning.judge(step, lambda: self._earlier_cause(trainer))
+            self._report("loss_learning", readings, finding, trainer, pl_module, step)
+            if finding is not None and finding.severity == "warning":
+                self._labels.checked = True  # the loss is already named as not learning: one warning is enough
+        if self._labels.checked or step < self._labels.next_evaluation or self._learning.warming_up():
+            return
+        evidence, level = self._learning.evidence(step), self._learning.recent_level(step)
+        if evidence is not None and level is not None:
+            readings, finding = self._labels.judge(step, evidence[0], level[0], level[1], evidence[3],
+                                                   lambda: self._earlier_cause(trainer, _LABEL_CAUSES, "warning"))
+            self._report("label_entropy", readings, finding, trainer, pl_module, step)
+
+    def _report(self, name: str, readings: Optional[Dict[str, float]], finding: Any, trainer: "pl.Trainer",
+                pl_module: "pl.LightningModule", step: int) -> None:
         if readings is not None:  # the readings judged, so their healthy range can be read back from any run
-            self.writer.write_scalars(trainer, {self.writer.tag("diag", "loss_learning", k): v
-                                                for k, v in readings.items()}, step)
+            self.writer.write_scalars(trainer, {self.writer.tag("diag", name, k): v for k, v in readings.items()},
+                                      step)
         if finding is not None:
             self.raise_alert(trainer, pl_module, **finding.as_kwargs())
 
     @staticmethod
-    def _earlier_cause(trainer: Any) -> Optional[Any]:
-        """The most specific earlier alert that explains a loss that does not go down, if any."""
+    def _earlier_cause(trainer: Any, causes: Sequence[str] = _LEARNING_CAUSES,
+                       severity: Optional[str] = None) -> Optional[Any]:
+        """The most specific earlier alert of ``causes`` (of ``severity`` or worse, if given), if any."""
         earlier = {}
         for alert in alert_log(trainer).history:
-            if alert.rule in _LEARNING_CAUSES and alert.rule not in earlier:
+            if severity is not None and not severity_at_least(alert.severity, severity):
+                continue
+            if alert.rule in causes and alert.rule not in earlier:
                 earlier[alert.rule] = alert
-        return next((earlier[r] for r in _LEARNING_CAUSES if r in earlier), None)
+        return next((earlier[r] for r in causes if r in earlier), None)
 
     def _fire(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", firing: Firing) -> None:
         rule, finding = firing.rule, firing.finding
@@ -428,10 +461,10 @@ class _MetricMonitor(MonitorCallback):
         names = self._names.get(id(rules))
         if names is None:
             names = RuleSet.metrics_of(rules)
-            if rules is self._due["step"] and (self.negative_loss_check or self.learning_check):
-                # read by the built-in checks (loss_negative, loss_not_learning)
+            if rules is self._due["step"] and (self.negative_loss_check or self.learning_check or self.label_check):
+                # read by the built-in checks (loss_negative, loss_not_learning, loss_at_label_entropy)
                 names = names + [n for n in (self.loss_metric,) if n not in names]
-                if self.learning_check:
+                if self.learning_check or self.label_check:
                     names = names + [self.block_mean_metric, self.block_square_metric]
             self._names[id(rules)] = names
         metrics = trainer.callback_metrics if any(n not in self._builtins for n in names) else {}
@@ -487,6 +520,7 @@ class _MetricMonitor(MonitorCallback):
             "warned": sorted(self._warned),
             "negative_since": self._negative_since,
             **self._learning.state_dict(),
+            **self._labels.state_dict(),
             "initial_loss": _plain(self._losses.initial_loss),
             "best_level": _plain(self._losses.best_level),
             "phase_lrs": self._phase_lrs,
@@ -506,6 +540,8 @@ class _MetricMonitor(MonitorCallback):
         since = state_dict.get("negative_since")
         self._negative_since = None if since is None else int(since)
         self._learning.load_state_dict(state_dict)
+        self._labels.load_state_dict(state_dict)
+        self._labels.checked = self._labels.checked or not self.label_check
         self._losses.initial_loss = state_dict.get("initial_loss")
         self._losses.best_level = state_dict.get("best_level")
         lrs = state_dict.get("phase_lrs")

@@ -125,6 +125,20 @@ class LearningCheck:
         ratio = recent / first if first > 0 else math.nan
         return first, recent, ratio, z
 
+    def recent_level(self, step: int) -> Optional[Tuple[float, float]]:
+        """``(level, standard error)`` of the loss over the last quarter of the run, ``(3t/4, t]``, or None.
+
+        The standard error is the batch-to-batch noise within those blocks over the square root of their steps.
+        """
+        last = [b for b in self.blocks if b[1] > 3 * step / 4 and b[1] > EARLY_STEPS]
+        n = sum(b[2] for b in last)
+        if n == 0:
+            return None
+        level = sum(b[2] * b[3] for b in last) / n
+        dof = sum(b[2] - 1 for b in last if b[2] > 1)
+        variance = sum(b[2] * max(b[4] - b[3] * b[3], 0.0) for b in last if b[2] > 1) / dof if dof > 0 else 0.0
+        return level, math.sqrt(variance / n)
+
     def judge(self, step: int, cause: Callable[[], Optional[Any]] = lambda: None
               ) -> Tuple[Optional[Dict[str, float]], Optional[Finding]]:
         """The readings of an evaluation at ``step`` (``ratio``, ``decline_z``; None when none is due) and the finding.
