@@ -8,18 +8,15 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 import torch
 
 from lightwatch.checks.label_entropy import AT_LABEL_ENTROPY as _AT_LABEL_ENTROPY
-from lightwatch.checks.label_entropy import CAUSES as _LABEL_CAUSES
-from lightwatch.checks.label_entropy import LabelEntropyCheck
-from lightwatch.checks.learning import CAUSES as _LEARNING_CAUSES
-from lightwatch.checks.learning import LearningCheck
+from lightwatch.checks.loss_checks import LossChecks
 from lightwatch.checks.metric_rules import NEGATIVE as _NEGATIVE
 from lightwatch.checks.metric_rules import missing_metric_findings, negative_loss_finding
 from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.default_rules import default_rules
-from lightwatch.core.loss_ring import LossRing
+from lightwatch.core.loss_ring import LossRing, global_grad_norm, unscaled_loss
 from lightwatch.core.metric_values import RuleValues
 from lightwatch.core.actions import MonitorWarning
-from lightwatch.core.alerts import alert_log, severity_at_least
+from lightwatch.core.alerts import alert_log
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.recovery import (
     Recovery,
@@ -30,7 +27,7 @@ from lightwatch.core.recovery import (
     uninstall_recovery,
 )
 from lightwatch.core.rules import Firing, MetricStats, Rule, RuleSet, plain
-from lightwatch.core.runtime import (distributed_ready, is_sharded_strategy, learning_rates, local_tensor, logging_step,
+from lightwatch.core.runtime import (distributed_ready, is_sharded_strategy, learning_rates, logging_step,
                                     lr_rising)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,47 +50,20 @@ class _MetricMonitor(MonitorCallback):
     ``stop``, ``raise``, ``checkpoint``, ``skip_step``, ``rollback``, or any registered action). All keys are
     listed in ``docs/rules-and-actions.md`` and :class:`~lightwatch.core.rules.Rule`.
 
-    Built-in values, computed by this callback itself (no other callback or ``self.log`` needed):
+    Built-in values, computed by this callback (``docs/callbacks/metric-monitor.md`` has their definitions):
+    ``monitor.step/loss`` (the loss ``training_step`` returned, over an accumulation window, unscaled under
+    fp16 AMP), ``monitor.step/grad_norm`` (global L2 norm before clipping, exact under FSDP), and per-step loss
+    scores kept in a device ring only when a rule reads one (:mod:`lightwatch.core.loss_ring`):
+    ``loss_step_z``, ``loss_shift_z`` (the default ``loss_shift``), ``loss_regress`` (``loss_regressed``).
+    Built-in checks, each switched off with ``rules={name: None}``: ``loss_negative``, ``loss_not_learning`` /
+    ``loss_slow`` and ``loss_at_label_entropy`` (:mod:`lightwatch.checks.loss_checks`); they read what the
+    step checks read.
 
-    - ``monitor.step/loss``: the loss ``training_step`` returned (summed over the micro-batches of a
-      gradient-accumulation window, as Lightning divides each by ``accumulate_grad_batches``: their mean;
-      divided back by the ``GradScaler`` scale under fp16 AMP);
-    - ``monitor.step/grad_norm``: global L2 norm of all gradients after unscaling and the DDP all-reduce,
-      before clipping (exact under FSDP through one SUM all-reduce).
-
-    Built-in per-step loss scores, kept in a small device ring only when a rule reads one (one scalar copy a
-    step, no host read; :mod:`lightwatch.core.loss_ring` has the definitions and measured ranges):
-    ``monitor.step/loss_step_z`` (short spikes, not in the default rules: single hard batches of healthy runs
-    score as high as real spikes), ``monitor.step/loss_shift_z`` (lasting jumps; the default ``loss_shift``)
-    and ``monitor.step/loss_regress`` (setbacks since the learning rate last rose; the default
-    ``loss_regressed``).
-
-    Built-in checks, on by default with the built-in rules, each switched off with ``rules={name: None}``:
-    ``loss_negative`` (a finite training loss below 0 on any rank, at every ``step`` check: cross-entropy or
-    NLL applied to raw logits; ``warning``) and ``loss_not_learning`` / ``loss_slow`` (the loss judged on its
-    own batch-to-batch noise over windows that double with the run, named after an earlier finding that
-    explains it when there is one; :mod:`lightwatch.checks.learning`), with ``loss_at_label_entropy`` (the loss
-    came down to the entropy of the integer labels of the first batches and stays there: the labels likely do
-    not belong to their inputs; ``warning``; :mod:`lightwatch.checks.label_entropy`). None costs a read of its
-    own: they read what the step checks read (the labels are read once, at the first evaluation).
-    ``loss_not_learning`` and ``loss_at_label_entropy`` are skipped under manual optimisation with several
-    optimizers (GANs, actor-critic), whose losses are adversaries or separate objectives.
-
-    When rules are checked (``check_on``): ``step`` every ``every_n_steps`` optimizer steps (on
-    ``on_train_batch_end``, at the step ``self.log`` curves use), ``validation`` at validation end, ``epoch`` at
-    training-epoch end, and ``every_step`` before every optimizer update. Each value is read once: a rule
-    consumes its metric only when it was logged again since the rule last read it, so ``val/loss`` counts once
-    per validation even with all check points on. Values that ``LightningModule.on_train_epoch_end`` logs are
-    read at the start of the next epoch (or at the end of training): Lightning calls that hook after ordinary
-    callbacks. Place ``MetricMonitor`` after the monitors whose statistics it watches, so it sees them in the
-    same step.
-
-    Cost: on steps that are not checked the hooks return at once: no tensor work, no host sync, no
-    collective. A check packs every value it needs into one buffer and reads it with one device-to-host copy;
-    under DDP it makes at most one MAX and one SUM all-reduce, so every rank sees the same reduced values
-    (the worst rank for thresholds and spikes, the mean for plateau, trend and gap) and takes the same
-    decision. ``every_step`` rules, which ``skip_step`` needs, cost that check on every step: one host sync per
-    step (plus one all-reduce under DDP).
+    Rules are checked (``check_on``) at ``step`` (every ``every_n_steps``, when ``self.log`` curves are
+    written), ``validation``, ``epoch`` and ``every_step`` (before each optimizer update); a rule consumes a
+    value only when it was logged again since it last read it. Place ``MetricMonitor`` after the monitors
+    whose statistics it watches. Steps that are not checked cost nothing; a check makes one device-to-host
+    read and, under DDP, at most one MAX and one SUM all-reduce, so every rank takes the same decision.
 
     Args:
         rules: rule name -> settings. They are added to the default rules (see :func:`default_rules`); a rule
@@ -143,27 +113,13 @@ class _MetricMonitor(MonitorCallback):
         name: Optional[str] = None,
     ) -> None:
         super().__init__(every_n_steps, 0, prefix, alert_cooldown_steps)
-        where = "MetricMonitor"
-        user = plain(rules) if rules is not None else {}
-        if not isinstance(user, Mapping):
-            raise ValueError(f"{where}: rules must be a mapping of rule name to settings, e.g. "
-                             f"{{'val_plateau': {{'metric': 'val/loss', 'kind': 'plateau'}}}}; "
-                             f"got {type(user).__name__}.")
-        specs: Dict[str, Any] = dict(default_rules(prefix)) if builtin_rules else {}
-        # `loss_negative` is a built-in check, not a rule: None switches it off, a rule of that name replaces it
+        specs, user = _rule_specs(rules, builtin_rules, prefix)
+        # built-in checks, not rules: None switches one off, a rule of that name replaces it
         self.negative_loss_check = bool(builtin_rules) and _NEGATIVE not in user
         self.learning_check = bool(builtin_rules) and _NOT_LEARNING not in user
         self.label_check = bool(builtin_rules) and _AT_LABEL_ENTROPY not in user
-        specs.update({str(k): v for k, v in user.items()
-                      if not (k in (_NEGATIVE, _NOT_LEARNING, _AT_LABEL_ENTROPY) and v is None)})
-        self.rules = RuleSet(specs, where=where, default_cooldown=self.cooldown.steps)
-        if snapshots is not None and (isinstance(snapshots, bool) or int(snapshots) != snapshots or snapshots < 0):
-            raise ValueError(f"{where}: snapshots must be an integer >= 0 or None, got {snapshots!r}.")
-        if snapshot_every_n_steps is not None and (isinstance(snapshot_every_n_steps, bool) or
-                                                   int(snapshot_every_n_steps) != snapshot_every_n_steps or
-                                                   snapshot_every_n_steps < 1):
-            raise ValueError(f"{where}: snapshot_every_n_steps must be an integer >= 1 or None, "
-                             f"got {snapshot_every_n_steps!r}.")
+        self.rules = RuleSet(specs, where="MetricMonitor", default_cooldown=self.cooldown.steps)
+        _check_snapshot_settings(snapshots, snapshot_every_n_steps)
         self.recovery = Recovery(max_rollbacks, lr_factor, 0, snapshot_device)
         self.snapshots = None if snapshots is None else int(snapshots)
         self.snapshot_every_n_steps = snapshot_every_n_steps
@@ -192,9 +148,8 @@ class _MetricMonitor(MonitorCallback):
                                     for m in (self.step_z_metric, self.shift_z_metric, self.regress_metric))
         self._regress_check = any(self.regress_metric in r.metrics for r in self.rules.rules)
         self._negative_since: Optional[int] = None  # first check that saw a negative loss
-        self._learning = LearningCheck(self.loss_metric)  # loss_not_learning / loss_slow
-        self._labels = LabelEntropyCheck(self.loss_metric)  # loss_at_label_entropy
-        self._labels.checked = not self.label_check
+        # loss_not_learning / loss_slow and loss_at_label_entropy
+        self._loss_checks = LossChecks(self.loss_metric, learning=self.learning_check, labels=self.label_check)
         # every step's loss on the device (the loss scores, and the not-learning blocks while that check is open)
         self._losses = LossRing(interval=1)  # sized at setup, when the interval is known
         self._phase_lrs: Optional[List[float]] = None
@@ -251,18 +206,11 @@ class _MetricMonitor(MonitorCallback):
 
     # -------------------------------------------------------------------------------- hot path
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
-        learning = self._learning_open()
+        learning = self._loss_checks.open
         if not (learning or self._loss_every_step or self.step_spike_check or (self.sampled and self._loss_sampled)):
             return
-        value = loss.detach()
-        if value.numel() != 1:
-            value = value.sum()
-        if value.dtype != torch.float32:
-            value = value.float()
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-        scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
-        if isinstance(scale, torch.Tensor):  # Lightning hands the hook the scaled loss under fp16 AMP
-            value = value / scale.to(value.device)
+        value = unscaled_loss(loss, scaler)
         self._loss_acc = value if self._loss_acc is None else self._loss_acc + value
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
@@ -274,7 +222,7 @@ class _MetricMonitor(MonitorCallback):
         self._opt_step = step
         self._step_loss, self._loss_acc = self._loss_acc, None
         # the per-step loss ring serves the shift/regress scores and, while it is open, the not-learning check
-        if (self.step_spike_check or self._learning_open()) and self._step_loss is not None:
+        if (self.step_spike_check or self._loss_checks.open) and self._step_loss is not None:
             self._losses.remember(self._step_loss)
         if self._grad_every_step or (self.sampled and self._grad_sampled):
             self._step_grad = self._grad_norm(pl_module)
@@ -283,16 +231,12 @@ class _MetricMonitor(MonitorCallback):
             self._check(trainer, pl_module, "every_step")
 
     def _grad_norm(self, pl_module: "pl.LightningModule") -> Optional[torch.Tensor]:
-        grads = [local_tensor(p.grad.detach()) for p in pl_module.parameters() if p.grad is not None]
-        if not grads:
-            return None
-        squared = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
-        return squared if self._sharded else squared.sqrt()  # sharded: squares are summed over ranks first
+        return global_grad_norm(pl_module.parameters(), squared=self._sharded)  # sharded: summed over ranks first
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._labels.collecting:  # the first batches' labels, kept on the device for loss_at_label_entropy
-            self._labels.observe(batch)
+        if self._loss_checks.labels.collecting:  # the first batches' labels, on the device
+            self._loss_checks.labels.observe(batch)
         if self._opt_step != logging_step(trainer):  # inside a gradient-accumulation window: no update yet
             return
         if self.recovery.pending:  # asked for inside the optimizer step; this is the first safe point
@@ -340,7 +284,7 @@ class _MetricMonitor(MonitorCallback):
         snapshot = (point == "step" and self.recovery.ring.size > 0 and (step + 1) % self._snapshot_interval == 0
                     and not self.recovery.pending)
         negative = point == "step" and self.negative_loss_check
-        learning = point == "step" and self._learning_open()
+        learning = point == "step" and self._loss_checks.open
         if not rules and not snapshot and not negative and not learning:
             if point != "every_step":
                 self._write(trainer, step, counters=point == "step")
@@ -374,41 +318,22 @@ class _MetricMonitor(MonitorCallback):
         finding = negative_loss_finding(self.loss_metric, stats.min, stats.nonfinite, step, self._negative_since)
         self.raise_alert(trainer, pl_module, **finding.as_kwargs())
 
-    def _learning_open(self) -> bool:
-        """Whether the not-learning or the label-entropy check still needs the loss blocks."""
-        return self.learning_check and not self._learning.checked or self.label_check and not self._labels.checked
-
     def _remember_learning(self, trainer: Any, stats: Dict[str, MetricStats], step: int) -> None:
         """Keep this check's block of losses (reduced over ranks, as host floats) and the learning rates."""
         mean, square = stats.get(self.block_mean_metric), stats.get(self.block_square_metric)
         count = self._losses.take_block()
         present = mean is not None and square is not None and mean.present and square.present
-        self._learning.remember(step - count + 1, step, count if present else 0,  # one ring entry per step
-                                mean.mean if present else math.nan, square.mean if present else math.nan,
-                                learning_rates(trainer))
+        self._loss_checks.remember(step, count, mean.mean if present else math.nan,
+                                   square.mean if present else math.nan, learning_rates(trainer))
 
     def _check_learning(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """``loss_not_learning`` / ``loss_slow`` (:mod:`lightwatch.checks.learning`) at this step check.
-
-        Not judged under manual optimisation with several optimizers (a GAN, an actor-critic): the summed losses
-        are adversaries or separate objectives, not one quantity that training must drive down.
-        """
+        """``loss_not_learning`` / ``loss_slow`` / ``loss_at_label_entropy`` (:mod:`lightwatch.checks.loss_checks`)."""
         step = logging_step(trainer)
         if not getattr(pl_module, "automatic_optimization", True) and len(getattr(trainer, "optimizers", ())) > 1:
-            self._learning.checked = self._labels.checked = True
+            self._loss_checks.stop()
             return
-        if self.learning_check:
-            readings, finding = self._learning.judge(step, lambda: self._earlier_cause(trainer))
-            self._report("loss_learning", readings, finding, trainer, pl_module, step)
-            if finding is not None and finding.severity == "warning":
-                self._labels.checked = True  # the loss is already named as not learning: one warning is enough
-        if self._labels.checked or step < self._labels.next_evaluation or self._learning.warming_up():
-            return
-        evidence, level = self._learning.evidence(step), self._learning.recent_level(step)
-        if evidence is not None and level is not None:
-            readings, finding = self._labels.judge(step, evidence[0], level[0], level[1], evidence[3],
-                                                   lambda: self._earlier_cause(trainer, _LABEL_CAUSES, "warning"))
-            self._report("label_entropy", readings, finding, trainer, pl_module, step)
+        for name, readings, finding in self._loss_checks.judge(step, alert_log(trainer).history):
+            self._report(name, readings, finding, trainer, pl_module, step)
 
     def _report(self, name: str, readings: Optional[Dict[str, float]], finding: Any, trainer: "pl.Trainer",
                 pl_module: "pl.LightningModule", step: int) -> None:
@@ -417,18 +342,6 @@ class _MetricMonitor(MonitorCallback):
                                       step)
         if finding is not None:
             self.raise_alert(trainer, pl_module, **finding.as_kwargs())
-
-    @staticmethod
-    def _earlier_cause(trainer: Any, causes: Sequence[str] = _LEARNING_CAUSES,
-                       severity: Optional[str] = None) -> Optional[Any]:
-        """The most specific earlier alert of ``causes`` (of ``severity`` or worse, if given), if any."""
-        earlier = {}
-        for alert in alert_log(trainer).history:
-            if severity is not None and not severity_at_least(alert.severity, severity):
-                continue
-            if alert.rule in causes and alert.rule not in earlier:
-                earlier[alert.rule] = alert
-        return next((earlier[r] for r in causes if r in earlier), None)
 
     def _fire(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", firing: Firing) -> None:
         rule, finding = firing.rule, firing.finding
@@ -519,8 +432,7 @@ class _MetricMonitor(MonitorCallback):
             "seen": sorted(self._seen),
             "warned": sorted(self._warned),
             "negative_since": self._negative_since,
-            **self._learning.state_dict(),
-            **self._labels.state_dict(),
+            **self._loss_checks.state_dict(),
             "initial_loss": _plain(self._losses.initial_loss),
             "best_level": _plain(self._losses.best_level),
             "phase_lrs": self._phase_lrs,
@@ -539,13 +451,32 @@ class _MetricMonitor(MonitorCallback):
         self._warned = set(map(str, state_dict.get("warned", [])))
         since = state_dict.get("negative_since")
         self._negative_since = None if since is None else int(since)
-        self._learning.load_state_dict(state_dict)
-        self._labels.load_state_dict(state_dict)
-        self._labels.checked = self._labels.checked or not self.label_check
+        self._loss_checks.load_state_dict(state_dict)
         self._losses.initial_loss = state_dict.get("initial_loss")
         self._losses.best_level = state_dict.get("best_level")
         lrs = state_dict.get("phase_lrs")
         self._phase_lrs = None if lrs is None else [float(v) for v in lrs]
+
+
+def _rule_specs(rules: Optional[Mapping[str, Any]], builtin_rules: bool,
+                prefix: str) -> Tuple[Dict[str, Any], Mapping[str, Any]]:
+    """The rule specs to build (the defaults, then the user's) and the user's mapping as given."""
+    user = plain(rules) if rules is not None else {}
+    if not isinstance(user, Mapping):
+        raise ValueError(f"MetricMonitor: rules must be a mapping of rule name to settings, e.g. "
+                         f"{{'val_plateau': {{'metric': 'val/loss', 'kind': 'plateau'}}}}; "
+                         f"got {type(user).__name__}.")
+    specs: Dict[str, Any] = dict(default_rules(prefix)) if builtin_rules else {}
+    specs.update({str(k): v for k, v in user.items()
+                  if not (k in (_NEGATIVE, _NOT_LEARNING, _AT_LABEL_ENTROPY) and v is None)})
+    return specs, user
+
+
+def _check_snapshot_settings(snapshots: Optional[int], every: Optional[int]) -> None:
+    if snapshots is not None and (isinstance(snapshots, bool) or int(snapshots) != snapshots or snapshots < 0):
+        raise ValueError(f"MetricMonitor: snapshots must be an integer >= 0 or None, got {snapshots!r}.")
+    if every is not None and (isinstance(every, bool) or int(every) != every or every < 1):
+        raise ValueError(f"MetricMonitor: snapshot_every_n_steps must be an integer >= 1 or None, got {every!r}.")
 
 
 def _plain(value: Optional[Union[torch.Tensor, float]]) -> Optional[float]:

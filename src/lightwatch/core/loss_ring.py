@@ -24,11 +24,13 @@ count as missing, never as a spike: they are ``loss_nonfinite``'s business.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["LossRing", "STEP_SPIKE_WINDOW"]
+from lightwatch.core.runtime import local_tensor
+
+__all__ = ["LossRing", "STEP_SPIKE_WINDOW", "global_grad_norm", "unscaled_loss"]
 
 STEP_SPIKE_WINDOW = 50
 _STEP_SPIKE_NOVELTY = 2.0
@@ -39,6 +41,41 @@ _REGRESS_WINDOW = 50
 _LOSS_FLOOR = 0.1  # of the first step's loss: below it, changes are noise at the floor of a fitted loss
 
 Scalar = Optional[Union[torch.Tensor, float]]
+
+
+def unscaled_loss(loss: torch.Tensor, scaler: Any = None) -> torch.Tensor:
+    """The step's loss as one float32 device scalar, divided back by the ``GradScaler`` scale under fp16 AMP
+    (Lightning hands ``on_before_backward`` the scaled loss). No host sync.
+
+    Example:
+        >>> unscaled_loss(torch.tensor([1.0, 2.0], dtype=torch.float16)).item()
+        3.0
+    """
+    value = loss.detach()
+    if value.numel() != 1:
+        value = value.sum()
+    if value.dtype != torch.float32:
+        value = value.float()
+    scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+    if isinstance(scale, torch.Tensor):
+        value = value / scale.to(value.device)
+    return value
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter], squared: bool = False) -> Optional[torch.Tensor]:
+    """The global L2 norm of the gradients of ``params`` (their local shards), or its square (to be summed over
+    ranks first under a sharded strategy); None when no parameter has a gradient. One fused call, no host sync.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
+        >>> global_grad_norm([w]).item(), global_grad_norm([w], squared=True).item()
+        (5.0, 25.0)
+    """
+    grads = [local_tensor(p.grad.detach()) for p in params if p.grad is not None]
+    if not grads:
+        return None
+    total = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+    return total if squared else total.sqrt()
 
 
 def _chronological(ring: torch.Tensor, count: int, n: int) -> torch.Tensor:
