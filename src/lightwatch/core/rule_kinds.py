@@ -176,7 +176,33 @@ class PlateauRule(Rule):
         self.wait = 0
 
 
-class SpikeRule(Rule):
+class _HistoryRule(Rule):
+    """A rule that keeps the last :attr:`history_length` finite values and their steps (saved with its state)."""
+
+    values: List[float]
+    steps: List[int]
+
+    @property
+    def history_length(self) -> int:
+        raise NotImplementedError
+
+    def kind_state(self) -> Dict[str, Any]:
+        return {"values": list(self.values), "steps": list(self.steps)}
+
+    def load_kind_state(self, state: Mapping[str, Any]) -> None:
+        self.values = [float(v) for v in state.get("values", [])][-self.history_length:]
+        self.steps = [int(s) for s in state.get("steps", [])][-self.history_length:]
+        if len(self.steps) != len(self.values):
+            self.steps = [0] * len(self.values)
+
+    def forget_after(self, step: int) -> None:
+        super().forget_after(step)
+        keep = [i for i, s in enumerate(self.steps) if s < step]
+        self.values = [self.values[i] for i in keep]
+        self.steps = [self.steps[i] for i in keep]
+
+
+class SpikeRule(_HistoryRule):
     """Fires when the value jumps far outside its recent history: a robust z-score against a rolling window.
 
     ``method="mad"`` (default): z = (value − median) / (1.4826 · MAD) over the last ``window`` (50) values,
@@ -198,6 +224,10 @@ class SpikeRule(Rule):
     """
 
     kind = "spike"
+
+    @property
+    def history_length(self) -> int:
+        return self.window
     kind_keys = ("window", "z", "method", "direction", "min_history", "min_rel_change", "min_change")
 
     def configure(self, keys: RuleKeys) -> None:
@@ -262,20 +292,6 @@ class SpikeRule(Rule):
         del self.values[:-self.window]
         del self.steps[:-self.window]
 
-    def kind_state(self) -> Dict[str, Any]:
-        return {"values": list(self.values), "steps": list(self.steps)}
-
-    def load_kind_state(self, state: Mapping[str, Any]) -> None:
-        self.values = [float(v) for v in state.get("values", [])][-self.window:]
-        self.steps = [int(s) for s in state.get("steps", [])][-self.window:]
-        if len(self.steps) != len(self.values):
-            self.steps = [0] * len(self.values)
-
-    def forget_after(self, step: int) -> None:
-        super().forget_after(step)
-        keep = [i for i, s in enumerate(self.steps) if s < step]
-        self.values = [self.values[i] for i in keep]
-        self.steps = [self.steps[i] for i in keep]
 
 
 class GapRule(Rule):
@@ -317,7 +333,7 @@ class GapRule(Rule):
         return Finding(holds, gap, bound if holds else None, score=gap, detail=detail)
 
 
-class TrendRule(Rule):
+class TrendRule(_HistoryRule):
     """Fires when the value has been rising (``direction: up``, default) or falling over the last ``checks`` checks.
 
     "Rising" is judged robustly over the window, so one noisy value neither makes nor breaks a trend: Kendall's
@@ -335,6 +351,10 @@ class TrendRule(Rule):
     """
 
     kind = "trend"
+
+    @property
+    def history_length(self) -> int:
+        return self.checks
     kind_keys = ("direction", "checks", "min_tau", "min_rel_change", "min_change")
 
     def configure(self, keys: RuleKeys) -> None:
@@ -371,20 +391,6 @@ class TrendRule(Rule):
                       f"across the window (median {format_value(center)}), now {format_value(value)}.")
         return Finding(holds, value, center + sign * needed if holds else None, score=tau, detail=detail)
 
-    def kind_state(self) -> Dict[str, Any]:
-        return {"values": list(self.values), "steps": list(self.steps)}
-
-    def load_kind_state(self, state: Mapping[str, Any]) -> None:
-        self.values = [float(v) for v in state.get("values", [])][-self.checks:]
-        self.steps = [int(s) for s in state.get("steps", [])][-self.checks:]
-        if len(self.steps) != len(self.values):
-            self.steps = [0] * len(self.values)
-
-    def forget_after(self, step: int) -> None:
-        super().forget_after(step)
-        keep = [i for i, s in enumerate(self.steps) if s < step]
-        self.values = [self.values[i] for i in keep]
-        self.steps = [self.steps[i] for i in keep]
 
 
 def _kendall_theil_sen(values: Sequence[float]) -> Tuple[float, float]:
