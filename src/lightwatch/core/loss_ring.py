@@ -24,7 +24,7 @@ count as missing, never as a spike: they are ``loss_nonfinite``'s business.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -120,33 +120,49 @@ class LossRing:
         # after a resume); kept across a reset: the scale of the run, not of its restart
         self.initial_loss: Scalar = None
         self.best_level: Scalar = None
+        self._pending: List[torch.Tensor] = []  # losses of the steps since the last read, not yet in the ring
 
     def reset(self) -> None:
         """Forget the history (end of a fit, or a rollback: the steps before are not this run's)."""
         self.ring, self.count, self._checked, self._scores_at = None, 0, 0, None
         self._block_taken, self._block_at, self._phase_start = 0, None, 0
+        self._pending = []
 
     def new_phase(self) -> None:
         """The learning rate rose (a warmup, a restart, layers unfrozen): the loss may rise with it, by design."""
         self.best_level, self._phase_start = None, self.count
 
     def remember(self, loss: torch.Tensor) -> None:
-        """Write this step's loss: one small device copy, no host read."""
+        """Keep this step's loss (a device scalar): appended to a list, written into the ring with one op at
+        the next read (:meth:`block`, :meth:`scores`), so a step costs no tensor op and no host read."""
         if self.ring is None or self.ring.device != loss.device:
             recent = min(max(self.interval, _SHIFT_RECENT_MIN), _RECENT_MAX)
             self.ring = torch.zeros(STEP_SPIKE_WINDOW + recent, device=loss.device)
             self.count = self._checked = self._phase_start = self._block_taken = 0
             self._block_at = self._scores_at = None
-        self.ring[self.count % self.ring.numel()] = loss.reshape(())
+            self._pending = []
+        self._pending.append(loss)
+        self.count += 1
+        if len(self._pending) >= self.ring.numel():  # memory stays bounded whatever the interval
+            self._write_pending()
         if self.initial_loss is None:
             self.initial_loss = loss.detach().reshape(()).clone()
-        self.count += 1
+
+    def _write_pending(self) -> None:
+        """The kept losses into their ring slots: one stack and one indexed copy."""
+        pending, self._pending = self._pending, []
+        if not pending or self.ring is None:
+            return
+        n = len(pending)
+        slots = torch.arange(self.count - n, self.count, device=self.ring.device) % self.ring.numel()
+        self.ring[slots] = torch.stack([p.reshape(()) for p in pending]).to(self.ring.dtype)
 
     def block(self) -> Optional[torch.Tensor]:
         """Mean and mean square of the losses since the last block (on the device), None without new steps.
 
         A longer interval than the ring's length gives its last 4,096 steps.
         """
+        self._write_pending()
         new = min(self.count - self._block_taken, self.ring.numel()) if self.ring is not None else 0
         if new <= 0:
             return None
@@ -157,6 +173,7 @@ class LossRing:
 
     def take_block(self) -> int:
         """Close the current block; returns how many steps it held (those :meth:`block` summarised)."""
+        self._write_pending()
         count = min(self.count - self._block_taken, self.ring.numel()) if self.ring is not None else 0
         self._block_taken, self._block_at = self.count, None
         return count
@@ -166,6 +183,7 @@ class LossRing:
 
         Each is ``None`` until a full window of earlier steps exists.
         """
+        self._write_pending()
         count = self.count
         if self._scores_at is not None and self._scores_at[0] == count:
             return self._scores_at[1]
