@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import torch
 from torch import nn
 
-from lightwatch.checks.activation import (ActivationAlert, DeadUnitsCheck, GrowthCheck, LayerReading, NllOnLogitsCheck,
+from lightwatch.checks.activation import (DeadUnitsCheck, GrowthCheck, LayerReading, NllOnLogitsCheck,
                                          NonFiniteOutputCheck, OutputReading, ProbabilityOutputCheck, SaturationCheck,
                                          probability_rows, saturation_mask, selective_rows, unnormalised_rows)
 from lightwatch.core.alerts import check_severity
@@ -542,12 +542,8 @@ class _ActivationStatsMonitor(MonitorCallback):
             # at step 0 the model is as initialised: one reading is enough for dead or saturated layers (a
             # unit dead at initialisation gets no gradient to revive it), and growth through depth is judged
             for check in (self._growth, self._dead, self._saturated):
-                self._raise(trainer, pl_module, check.judge(layers, step, self.interval))
-        self._raise(trainer, pl_module, self._nonfinite.judge(layers, step, self.interval))
-
-    def _raise(self, trainer: Any, pl_module: Any, alert: Optional[ActivationAlert]) -> None:
-        if alert is not None:
-            self.raise_alert(trainer, pl_module, **alert.as_kwargs())
+                self.raise_finding(trainer, pl_module, check.judge(layers, step, self.interval))
+        self.raise_finding(trainer, pl_module, self._nonfinite.judge(layers, step, self.interval))
 
     # ----------------------------------------------------------------------------- diagnoses
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -567,7 +563,7 @@ class _ActivationStatsMonitor(MonitorCallback):
         self._output_shares = None
         output = OutputReading(self._names[index], share, selective, unnormalised)
         for check in self._output_checks:
-            self._raise(trainer, pl_module, check.judge(output))
+            self.raise_finding(trainer, pl_module, check.judge(output))
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()

@@ -9,7 +9,6 @@ from torch.nn.parameter import is_lazy
 
 from lightwatch.checks import gradient as checks
 from lightwatch.checks.causal_mask import LEAK_MAX, FutureLeakProbe
-from lightwatch.checks.finding import Finding
 from lightwatch.checks.structure import ModelStructure, batchnorm_mode_finding, owners_of
 from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.alerts import check_severity
@@ -224,7 +223,7 @@ class _GradientStatsMonitor(MonitorCallback):
         if self.diagnose and not self._batchnorm_checked:
             self._batchnorm_checked = True
             if getattr(pl_module, "training", True):
-                self._report(trainer, pl_module, batchnorm_mode_finding(pl_module, step))
+                self.raise_finding(trainer, pl_module, batchnorm_mode_finding(pl_module, step))
         if self._stepped is None:
             held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group.get("params", ())}
             self._stepped = [id(p) in held for p in self._params] if held else [True] * len(self._params)
@@ -252,7 +251,7 @@ class _GradientStatsMonitor(MonitorCallback):
         step = int(getattr(trainer, "global_step", 0))
         self.writer.write_scalars(trainer, {self.writer.tag("diag", "future_leak", "ratio"): leak}, step)
         where = next((n for n, m in pl_module.named_modules() if m is probe.module), "") or "the module"
-        self._report(trainer, pl_module, checks.future_leak_finding(where, leak, LEAK_MAX, step))
+        self.raise_finding(trainer, pl_module, checks.future_leak_finding(where, leak, LEAK_MAX, step))
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -357,7 +356,7 @@ class _GradientStatsMonitor(MonitorCallback):
         if self.diagnose:
             self._diagnose_step(trainer, pl_module, step, present, moves, depth)
         total_bad = sum(s["grad.nonfinite"] for n_, s in subjects if n_ in flagged)
-        self._report(trainer, pl_module, checks.nonfinite_gradient_finding(
+        self.raise_finding(trainer, pl_module, checks.nonfinite_gradient_finding(
             flagged, total_bad, self.nonfinite_severity, self.nonfinite_action, step))
 
     # ----------------------------------------------------------------------------- diagnoses
@@ -372,12 +371,7 @@ class _GradientStatsMonitor(MonitorCallback):
             return
         structure = ModelStructure(pl_module, self._names, self._params, self._weight_layers, self._sharded)
         for finding in structure.fit_start_findings(check_frozen_at_init="frozen_at_init" not in self.skip_diagnoses):
-            self._report(trainer, pl_module, finding)
-
-    def _report(self, trainer: Any, pl_module: Any, finding: Optional[Finding]) -> None:
-        """Raise what a check found (nothing when it found nothing)."""
-        if finding is not None:
-            self.raise_alert(trainer, pl_module, **finding.as_kwargs())
+            self.raise_finding(trainer, pl_module, finding)
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         if self._leak_probe is not None:  # the first forward pass has run: the call that read the tokens is known
@@ -409,7 +403,7 @@ class _GradientStatsMonitor(MonitorCallback):
             if not stale or self._stale_reported:
                 continue
             self._stale_reported, self._stale_checks_left = True, 0
-            self._report(trainer, pl_module, checks.stale_gradient_finding(stale, step))
+            self.raise_finding(trainer, pl_module, checks.stale_gradient_finding(stale, step))
 
     def _diagnose_step(self, trainer: Any, pl_module: Any, step: int, present: List[float],
                        ratios: List[Tuple[float, int]], depth: Optional[Tuple[float, int]]) -> None:
@@ -418,16 +412,16 @@ class _GradientStatsMonitor(MonitorCallback):
         if self._checks_done == 1:
             stepped = self._stepped or [True] * len(self._names)
             missing = [n for n, p, s in zip(self._names, present, stepped) if not p and s]
-            self._report(trainer, pl_module, checks.missing_gradient_finding(missing, step))
+            self.raise_finding(trainer, pl_module, checks.missing_gradient_finding(missing, step))
             if self._in_optimizer is not None:
                 orphans = [n for n, p, held in zip(self._names, present, self._in_optimizer) if p and not held]
-                self._report(trainer, pl_module, checks.orphan_finding(orphans, step))
+                self.raise_finding(trainer, pl_module, checks.orphan_finding(orphans, step))
         lrs = learning_rates(trainer)
         warming_up, self._lrs = lr_rising(self._lrs, lrs), lrs
-        self._report(trainer, pl_module, self._update_check.judge(step, ratios, warming_up, self._names))
+        self.raise_finding(trainer, pl_module, self._update_check.judge(step, ratios, warming_up, self._names))
         layers = [i for i in self._weight_layers if present[i]]
         if depth is not None:
-            self._report(trainer, pl_module, checks.vanishing_finding(depth, self._names[layers[0]], step))
+            self.raise_finding(trainer, pl_module, checks.vanishing_finding(depth, self._names[layers[0]], step))
 
     # ------------------------------------------------------------------------------------ end
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 import torch
 
 from lightwatch.checks.label_entropy import AT_LABEL_ENTROPY as _AT_LABEL_ENTROPY
+from lightwatch.checks.learning import NOT_LEARNING as _NOT_LEARNING
 from lightwatch.checks.loss_checks import LossChecks
 from lightwatch.checks.metric_rules import NEGATIVE as _NEGATIVE
 from lightwatch.checks.metric_rules import missing_metric_findings, negative_loss_finding
@@ -36,7 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["MetricMonitor", "default_rules"]
 
 _POINTS = ("every_step", "step", "validation", "epoch", "epoch_late")
-_NOT_LEARNING = "loss_not_learning"
 # loss_not_learning / loss_slow: lightwatch.checks.learning; the per-step loss scores: lightwatch.core.loss_ring;
 # the default rules: lightwatch.core.default_rules.
 
@@ -316,7 +316,7 @@ class _MetricMonitor(MonitorCallback):
             return
         self._negative_since = step if self._negative_since is None else self._negative_since
         finding = negative_loss_finding(self.loss_metric, stats.min, stats.nonfinite, step, self._negative_since)
-        self.raise_alert(trainer, pl_module, **finding.as_kwargs())
+        self.raise_finding(trainer, pl_module, finding)
 
     def _remember_learning(self, trainer: Any, stats: Dict[str, MetricStats], step: int) -> None:
         """Keep this check's block of losses (reduced over ranks, as host floats) and the learning rates."""
@@ -340,8 +340,7 @@ class _MetricMonitor(MonitorCallback):
         if readings is not None:  # the readings judged, so their healthy range can be read back from any run
             self.writer.write_scalars(trainer, {self.writer.tag("diag", name, k): v for k, v in readings.items()},
                                       step)
-        if finding is not None:
-            self.raise_alert(trainer, pl_module, **finding.as_kwargs())
+        self.raise_finding(trainer, pl_module, finding)
 
     def _fire(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", firing: Firing) -> None:
         rule, finding = firing.rule, firing.finding
@@ -421,7 +420,7 @@ class _MetricMonitor(MonitorCallback):
         points = {name: self.rules.by_name[name].check_on for names in missing.values() for name in names}
         for finding in missing_metric_findings(missing, points, existing, logging_step(trainer)):
             self._warned.add(finding.subject)
-            self.raise_alert(trainer, pl_module, **finding.as_kwargs())
+            self.raise_finding(trainer, pl_module, finding)
 
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:

@@ -20,13 +20,14 @@ saturated, which rows as probability vectors), computed by the callback on the d
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from lightwatch.checks.finding import Finding
 
 __all__ = [
     "ActivationAlert",
@@ -109,38 +110,8 @@ class OutputReading:
     unnormalised_share: float
 
 
-@dataclass(frozen=True)
-class ActivationAlert:
-    """What a check raises: the fields of one alert record (see the alert schema).
-
-    Attributes:
-        rule: the diagnosis' name (``act_dead``, ...).
-        severity: ``info``, ``warning``, ``error`` or ``critical``.
-        action: the action to carry out (``log``, ``warn``, ...).
-        subject: the module the alert is about.
-        value: the value judged.
-        threshold: the bound it crossed, where there is one.
-        message: what was seen, where, and what to do.
-        step: the step it refers to (``None``: the current step).
-
-    Example:
-        >>> alert = ActivationAlert("act_dead", "warning", "log", "net.1", 0.9, 0.6, "...", step=0)
-        >>> sorted(alert.as_kwargs())
-        ['action', 'message', 'rule', 'severity', 'step', 'subject', 'threshold', 'value']
-    """
-
-    rule: str
-    severity: str
-    action: str
-    subject: str
-    value: float
-    threshold: Optional[float]
-    message: str
-    step: Optional[int] = None
-
-    def as_kwargs(self) -> Dict[str, Any]:
-        """The fields as keyword arguments of ``MonitorCallback.raise_alert``."""
-        return dataclasses.asdict(self)
+#: What an activation check raises: the shared :class:`~lightwatch.checks.finding.Finding`.
+ActivationAlert = Finding
 
 
 class ActivationCheck:
@@ -160,7 +131,8 @@ class ActivationCheck:
     def alert(self, subject: str, value: float, threshold: Optional[float], message: str,
               step: Optional[int] = None) -> ActivationAlert:
         """An alert of this check's rule, severity and action."""
-        return ActivationAlert(self.rule, self.severity, self.action, subject, value, threshold, message, step)
+        return Finding(self.rule, self.severity, subject, value, message, threshold=threshold, step=step,
+                       action=self.action)
 
 
 class LayerCheck(ActivationCheck):

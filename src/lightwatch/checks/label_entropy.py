@@ -37,12 +37,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from lightwatch.checks.finding import Finding
+from lightwatch.checks.learning import FIRST_STEP  # judged at the learning check's evaluations
 from lightwatch.core.batch import BatchSelector, BatchSelectorError
 
 __all__ = ["ABOVE", "AT_LABEL_ENTROPY", "BAND", "CAUSES", "LabelEntropyCheck", "label_entropy"]
 
 AT_LABEL_ENTROPY = "loss_at_label_entropy"
-FIRST_STEP = 50
 BATCHES = 8  # labels counted from this many batches
 MAX_LABELS = 1 << 16  # at most this many labels kept (memory and one host read stay small)
 MAX_CLASSES = 1 << 22  # larger label values are not class indices: the check does not apply

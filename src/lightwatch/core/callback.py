@@ -124,6 +124,12 @@ class MonitorCallback:
         self.skip_diagnoses = frozenset(names)
 
     # --------------------------------------------------------------------------------------- alerts
+    def raise_finding(self, trainer: Any, pl_module: Any, finding: Any) -> None:
+        """Raise what a check found (a :class:`~lightwatch.checks.finding.Finding`, or anything with
+        ``as_kwargs()``); nothing when it found nothing (``None``)."""
+        if finding is not None:
+            self.raise_alert(trainer, pl_module, **finding.as_kwargs())
+
     def raise_alert(
         self,
         trainer: Any,
