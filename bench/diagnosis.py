@@ -54,6 +54,8 @@ if _ROOT not in sys.path:
 
 import pytorch_lightning as pl  # noqa: E402
 
+from bench.tables import json_safe as _json_safe  # noqa: E402
+from bench.tables import num as _num  # noqa: E402
 from bench.faults import (  # noqa: E402
     FAULTS,
     SIGNALS,
@@ -125,23 +127,6 @@ def policy_callbacks(policy: str) -> Tuple[List[Any], str]:
 
 
 # -------------------------------------------------------------------------------------------- runs
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats as the strings "nan", "inf", "-inf" (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if value != value else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _from_json(value: Any) -> Any:
-    if value in ("nan", "inf", "-inf"):
-        return float(value)
-    return value
-
-
 def _stop_reason(es: Any) -> Optional[str]:
     """``EarlyStopping.stopping_reason`` as a lower-case name (``non_finite_metric``), or ``None`` before 2.5."""
     reason = getattr(es, "stopping_reason", None)
@@ -341,11 +326,6 @@ def _lightning_detection(es: Any, probe: Any, error: Optional[BaseException], tr
 
 
 # ------------------------------------------------------------------------------------------ tables
-def _num(value: Any) -> float:
-    value = _from_json(value)
-    return float(value) if isinstance(value, (int, float)) else float("nan")
-
-
 def _fmt(value: float, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"

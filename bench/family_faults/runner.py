@@ -39,26 +39,11 @@ def quiet() -> None:
 
 # the same Hydra policy build and alerts.jsonl reader as the calibration corpus
 from bench.calibration.runner import policy_callbacks, read_alerts  # noqa: E402,F401
+from bench.tables import json_safe, num  # noqa: E402,F401
 
 
 def at_least(severity: str, minimum: str) -> bool:
     return SEVERITY_ORDER.index(severity) >= SEVERITY_ORDER.index(minimum)
-
-
-def json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if value != value else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def num(value: Any) -> float:
-    if value in ("nan", "inf", "-inf"):
-        return float(value)
-    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 def detection(alerts: List[Dict[str, Any]], onset: int, kind: str, names_cause: Any, location: Any,
