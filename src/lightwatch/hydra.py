@@ -26,64 +26,16 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightwatch.hydra_schemas import (
-    ActStatsConf,
-    ActStatsSelectConf,
-    CheckPoint,
-    CheckpointBestConf,
-    CheckpointConf,
-    DataCheckConf,
-    DataChecksConf,
-    DataQualityConf,
-    Direction,
-    Export,
-    FieldSchemaConf,
-    GradStatsConf,
-    GroupBy,
-    LightningPackage,  # the type of MonitorConf.lightning, importable from here as before
-    Mode,
-    MonitorConf,
-    Reduce,
-    RuleConf,
-    RuleKind,
-    RulesConf,
-    Severity,
-    SpikeMethod,
-    ThresholdConf,
-)
+from lightwatch import hydra_schemas
+from lightwatch.hydra_schemas import *  # noqa: F401,F403  (the schemas, importable from here as before)
+from lightwatch.hydra_schemas import (ActStatsConf, ActStatsSelectConf, CheckpointBestConf, CheckpointConf,
+                                      DataQualityConf, GradStatsConf, MonitorConf, RulesConf)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pytorch_lightning as pl
 
-__all__ = [
-    "COMPONENTS",
-    "SCHEMA_GROUP",
-    "ActStatsConf",
-    "ActStatsSelectConf",
-    "CheckPoint",
-    "CheckpointBestConf",
-    "CheckpointConf",
-    "DataCheckConf",
-    "DataChecksConf",
-    "DataQualityConf",
-    "Direction",
-    "Export",
-    "FieldSchemaConf",
-    "GradStatsConf",
-    "GroupBy",
-    "Mode",
-    "MonitorConf",
-    "MonitorConfigError",
-    "Reduce",
-    "RuleConf",
-    "RuleKind",
-    "RulesConf",
-    "Severity",
-    "SpikeMethod",
-    "ThresholdConf",
-    "instantiate_monitors",
-    "register_schemas",
-]
+__all__ = ["COMPONENTS", "SCHEMA_GROUP", "MonitorConfigError", "instantiate_monitors", "register_schemas",
+           *hydra_schemas.__all__]
 
 SCHEMA_GROUP = "lightwatch_schema"
 """ConfigStore group holding the schemas; a YAML config extends one with ``- /lightwatch_schema/<name>@_here_``."""
