@@ -293,8 +293,13 @@ class _DataQualityMonitor(FieldDiscovery, BatchCounters, FirstBatchChecks, ScanB
     @property
     def state_key(self) -> str:
         """Unique per selection and profile path, so several monitors can share a Trainer and a checkpoint."""
-        return self._generate_state_key(inputs=self.selector.inputs, targets=self.selector.targets,
-                                        profile_path=self.profile_path)
+        # Lightning reads it around every hook call of every callback, overridden or not (ten times a step):
+        # built once, since the selection and the path are fixed at construction
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(
+                inputs=self.selector.inputs, targets=self.selector.targets, profile_path=self.profile_path)
+        return key
 
     @property
     def profile(self) -> DataProfile:

@@ -13,7 +13,7 @@ from lightwatch.checks.structure import ModelStructure, batchnorm_mode_finding, 
 from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
-from lightwatch.core.gradient_reader import GradientReader, fused_norms, group_stats, ring_summary
+from lightwatch.core.gradient_reader import GradientReader, WeightSnapshot, fused_norms, group_stats, ring_summary
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row
 from lightwatch.core.readback import HostReadback
 from lightwatch.core.reduce import all_reduce_flat
@@ -72,8 +72,10 @@ class _GradientStatsMonitor(MonitorCallback):
             (default): on when the gradients live on an accelerator, where one more read of them is a small
             fraction of a step; off on the CPU, where it is a full memory pass over the gradients (measured
             +7% of the step on the deep-MLP benchmark).
-        track_update_ratio: measure ‖Δw‖/‖w‖ on sampled steps (keeps a copy of the selected parameters
-            between ``on_before_optimizer_step`` and ``on_train_batch_end`` of sampled steps only).
+        track_update_ratio: measure ‖Δw‖/‖w‖ on sampled steps. Between ``on_before_optimizer_step`` and
+            ``on_train_batch_end`` of a sampled step it keeps a copy of about 1% of each selected weight's
+            elements (at least 1,024; small tensors whole), not of the weights: the ratio of a large tensor is
+            an estimate within a few percent (:class:`~lightwatch.core.gradient_reader.WeightSnapshot`).
         nonfinite_action: action for ``grad_nonfinite`` (``log``, ``warn``, ``stop``, ``raise``, ...).
         nonfinite_severity: severity of ``grad_nonfinite``.
         diagnose: run the fault diagnoses (see "Diagnoses" above).
@@ -136,7 +138,7 @@ class _GradientStatsMonitor(MonitorCallback):
         self._stats_step: Optional[int] = None
         self._grad_stats: Optional[torch.Tensor] = None
         self._grad_hist: Optional[torch.Tensor] = None
-        self._before: Optional[List[torch.Tensor]] = None
+        self._snapshot = WeightSnapshot()
         self.diagnose = bool(diagnose)
         self.set_skip_diagnoses(skip_diagnoses)
         self._norm_every_step = bool(norm_every_step)
@@ -230,7 +232,7 @@ class _GradientStatsMonitor(MonitorCallback):
         self._grad_stats = self._reader.gradient_rows()
         self._grad_hist = self._reader.histogram_rows(p.grad for p in self._params) if self.histogram_step else None
         if self.track_update_ratio:
-            self._before = [local_tensor(p.detach()).clone() for p in self._params]
+            self._snapshot.take(self._params)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
@@ -272,11 +274,8 @@ class _GradientStatsMonitor(MonitorCallback):
         """One flat buffer: SUM part (squares and counts), MAX part, then histograms."""
         params = [local_tensor(p.detach()) for p in self._params]
         p_norm_sq = fused_norms(params).square()
-        if self._before is not None:
-            before_sq = fused_norms(self._before).square()
-            torch._foreach_sub_(self._before, params)  # in place: the copy becomes -Δw, no second allocation
-            delta_sq = fused_norms(self._before).square()
-            self._before = None
+        if self._snapshot.pending:
+            before_sq, delta_sq = self._snapshot.norms_sq(self._params)
         else:
             delta_sq = before_sq = torch.full_like(p_norm_sq, float("nan"))
         g = self._grad_stats
