@@ -2,6 +2,7 @@
 beyond the documented per-step global gradient norm. Counted, not timed."""
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from typing import Any, Dict, List
 
@@ -82,3 +83,49 @@ def test_unsampled_steps_cost_nothing_but_the_documented_norm(tmp_path: Any, mon
             assert not extra, f"step {step}: unexpected ops {extra}"
         assert watched.writes[step] == bare.writes[step], f"step {step}: extra event-file writes"
     assert sum(watched.writes[s] - bare.writes[s] for s in sampled) > 0
+
+
+def default_policy_monitors(interval: int) -> List[Any]:
+    from hydra import compose, initialize_config_module
+
+    from lightwatch.hydra import instantiate_monitors
+
+    with initialize_config_module(config_module="lightwatch.conf", version_base="1.3"):
+        cfg = compose(config_name="monitor/default", overrides=[f"monitor.every_n_steps={interval}"])
+    return instantiate_monitors(cfg.monitor)
+
+
+def test_full_default_policy_unsampled_steps_no_sync_and_bounded_ops(tmp_path: Any, monkeypatch: Any) -> None:
+    """All five callbacks of ``monitor=default``: an unsampled step copies the batch's fields and the loss, and
+    does nothing else (no reduction, no host sync, no write)."""
+    bare = run(tmp_path / "bare", [], monkeypatch)
+    watched = run(tmp_path / "watched", default_policy_monitors(5), monkeypatch)
+    sampled = {4, 9, 14, 19}
+    fields = 2  # the batch's x and y
+    for step in range(1, 20):
+        extra = watched.ops[step] - bare.ops[step]
+        assert not bare.ops[step] - watched.ops[step], f"step {step}: ops disappeared"
+        if step in sampled:
+            continue
+        assert not set(extra) & SYNC_OPS, f"host sync on unsampled step {step}: {extra}"
+        # the data monitor's copy of each field, MetricMonitor's copy of the loss: no reduction, no compute
+        assert set(extra) <= {"detach", "clone", "view", "slice", "alias"}, f"step {step}: {extra}"
+        assert extra["clone"] <= fields + 1 and sum(extra.values()) <= 4 * fields + 4, f"step {step}: {extra}"
+        assert watched.writes[step] == bare.writes[step], f"step {step}: extra event-file writes"
+
+
+@pytest.mark.ddp
+def test_full_default_policy_makes_no_collective_on_unsampled_steps(tmp_path: Any) -> None:
+    """Two CPU processes (gloo), the five callbacks of ``monitor=default``: every ``torch.distributed``
+    collective lightwatch makes is counted by step."""
+    from test_ddp_stats import torchrun
+
+    torchrun("budget_ddp.py", str(tmp_path))
+    sampled = {0, 4, 9, 14, 19}
+    for rank in (0, 1):
+        record = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert record["global_step"] == 20
+        per_step = {int(k): v for k, v in record["collectives"].items()}
+        unsampled = {s: v for s, v in per_step.items() if s >= 0 and s not in sampled}
+        assert not unsampled, f"rank {rank}: collectives on unsampled steps {unsampled}"
+        assert any(per_step.get(s) for s in sampled), per_step  # the counting is live
