@@ -115,9 +115,16 @@ class _StepSums:
         if self.rows is None or self.rows.device != device:
             self.rows = torch.zeros(self.modules, _SUM_WIDTH + _MAX_WIDTH, device=device, dtype=torch.float32)
             self.sum, self.max = self.rows[:, :_SUM_WIDTH], self.rows[:, _SUM_WIDTH:]
-            self.max.fill_(-float("inf"))
+            self._empty_max()
             self.zero = torch.zeros((), device=device)
         return self.rows
+
+    def _empty_max(self) -> None:
+        # during a step the MAX columns hold (min, max): an unset min is +inf, so that negated in `pack` it reads
+        # -inf, the identity of MAX
+        assert self.max is not None
+        self.max[:, _M_NEG_MIN].fill_(float("inf"))
+        self.max[:, _M_MAX].fill_(-float("inf"))
 
     def record(self, i: int, y: torch.Tensor, saturation: Any, channel_first: bool, histogram: bool) -> None:
         """Add the output ``y`` of module ``i`` (``saturation``: its bound mask, if bounded)."""
@@ -135,15 +142,20 @@ class _StepSums:
         sample = strided_sample(y, self.sample_size)
         nonzero = sample.bool().sum()  # count_nonzero, at 60% of its cost on the CPU
         saturated = saturation(sample).sum() if saturation is not None else self.zero
-        # -min and max reduce with MAX across ranks; NaN propagates, so non-finite outputs stay visible.
-        values = [total, norm.square(), nonzero, saturated, lo.neg(), hi]
+        # Written as (Σy, ‖y‖, ..., min, max): the norm is squared and the min negated once per step for all
+        # modules in `pack` (-min and max reduce with MAX across ranks; NaN propagates, so non-finite outputs stay
+        # visible), two ops a step instead of two a module.
         counts = self.counts[i]
         if counts[_C_CALLS] == 0:  # the usual case: one call per step, written in place with one op
-            torch.stack(values, out=rows[i])
+            torch.stack([total, norm, nonzero, saturated, lo, hi], out=rows[i])
         else:  # a module called again in the same step (shared layer, accumulation): accumulate
-            row = torch.stack(values).float()
-            self.sum[i] += row[:_SUM_WIDTH]  # type: ignore[index]
-            torch.maximum(self.max[i], row[_SUM_WIDTH:], out=self.max[i])  # type: ignore[index]
+            row = torch.stack([total, norm, nonzero, saturated, lo, hi]).float()
+            sums, maxes = self.sum[i], self.max[i]  # type: ignore[index]
+            sums[_S_SQ] = torch.hypot(sums[_S_SQ], row[_S_SQ])  # the norm of both calls' outputs together
+            sums[_S_SUM] += row[_S_SUM]
+            sums[_S_NONZERO:] += row[_S_NONZERO:_SUM_WIDTH]
+            torch.minimum(maxes[_M_NEG_MIN], row[_SUM_WIDTH + _M_NEG_MIN], out=maxes[_M_NEG_MIN])
+            torch.maximum(maxes[_M_MAX], row[_SUM_WIDTH + _M_MAX], out=maxes[_M_MAX])
         counts[_C_N] += n
         counts[_C_SAMPLE] += sample.numel()
         counts[_C_CALLS] += 1
@@ -172,6 +184,8 @@ class _StepSums:
         order and which modules have a histogram row. ``units``: units per module, agreed over ranks."""
         assert self.sum is not None and self.max is not None
         device = self.sum.device
+        self.sum[:, _S_SQ].square_()  # norms -> sums of squares
+        self.max[:, _M_NEG_MIN].neg_()  # min -> -min
         alive = [self._fit(self.alive[i], units[i], device) for i in with_units]
         # host counts travel with the device sums: pinned and non-blocking, so the copy never stalls
         counts = torch.tensor(self.counts, pin_memory=device.type == "cuda").to(device, non_blocking=True)
@@ -188,7 +202,7 @@ class _StepSums:
         if hist_rows:
             parts.append(torch.stack(hist_rows).reshape(-1))
         self.sum.zero_()
-        self.max.fill_(-float("inf"))
+        self._empty_max()
         order = self.order
         self.layout(self.sample_size, self.rectifier, self.nonnegative)
         self.calls = 0

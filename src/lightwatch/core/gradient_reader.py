@@ -70,6 +70,7 @@ class WeightSnapshot:
         self._strides: Optional[List[int]] = None
         self._scale: Optional[torch.Tensor] = None
         self._kept: Optional[List[torch.Tensor]] = None
+        self._views: List[torch.Tensor] = []
         #: elements held by the last snapshot (its memory is this times the element size)
         self.kept_elements = 0
 
@@ -96,7 +97,9 @@ class WeightSnapshot:
         if self._strides is None or len(self._strides) != len(params):
             self._strides = [self._stride(local_tensor(p)) for p in params]
             self._scale = None
-        self._kept = [self._view(p, s).clone() for p, s in zip(params, self._strides)]
+        # the views are read again after the step: optimizers update parameters in place
+        self._views = [self._view(p, s) for p, s in zip(params, self._strides)]
+        self._kept = torch._foreach_mul(self._views, 1.0) if self._views else []  # one fused copy
         self.kept_elements = sum(k.numel() for k in self._kept)
 
     @property
@@ -116,7 +119,10 @@ class WeightSnapshot:
             scale = [local_tensor(p).numel() / max(k.numel(), 1) for p, k in zip(params, kept)]
             self._scale = torch.tensor(scale, dtype=torch.float32, device=kept[0].device)
         before_sq = fused_norms(kept).square()
-        after = [self._view(p, s) for p, s in zip(params, self._strides)]
+        after, self._views = self._views, []
+        if len(after) != len(params) or any(a.untyped_storage().data_ptr() != local_tensor(p).untyped_storage().data_ptr()
+                                            for a, p in zip(after, params)):
+            after = [self._view(p, s) for p, s in zip(params, self._strides)]  # a parameter was replaced
         torch._foreach_sub_(kept, after)  # in place: the copy becomes -Δw, no second allocation
         delta_sq = fused_norms(kept).square()
         return before_sq * self._scale, delta_sq * self._scale

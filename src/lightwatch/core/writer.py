@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 
@@ -61,10 +61,18 @@ class MonitorWriter:
             raise ValueError(f"MonitorWriter: prefix must be non-empty and contain no '/', got {prefix!r}.")
         self.prefix = prefix
         self.scalar_writes = 0
+        # a logged step names hundreds of tags, the same ones every time: each is built (and cleaned) once
+        self._tags: Dict[Tuple[str, str, str], str] = {}
 
     def tag(self, family: str, subject: str, stat: str = "") -> str:
-        tag = f"{self.prefix}.{family}/{safe_tag_part(subject)}"
-        return f"{tag}/{stat}" if stat else tag
+        key = (family, subject, stat)
+        tag = self._tags.get(key)
+        if tag is None:
+            tag = f"{self.prefix}.{family}/{safe_tag_part(subject)}"
+            tag = f"{tag}/{stat}" if stat else tag
+            if len(self._tags) < 65536:  # subjects are module and parameter names: a bounded set
+                self._tags[key] = tag
+        return tag
 
     def write_scalars(self, trainer: Any, values: Mapping[str, float], step: int) -> None:
         """Write ``values`` (tag -> float) at ``step``: callback metrics on every rank, loggers on rank 0."""
