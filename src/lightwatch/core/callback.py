@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Optional, Sequence, Tupl
 from lightwatch.core.actions import ActionContext, check_action, run_action
 from lightwatch.core.alerts import Alert, AlertCooldown, alert_log, check_severity
 from lightwatch.core.runtime import logging_step
+from lightwatch.core.tb_layout import write_layout_once
 from lightwatch.core.writer import MonitorWriter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,6 +103,8 @@ class MonitorCallback:
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self.resolve_intervals(trainer)
+        if stage == "fit":  # TensorBoard opens on an overview of the charts; the first monitor writes it
+            write_layout_once(trainer, self.prefix)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
