@@ -142,3 +142,18 @@ def test_a_served_tensorboard_lists_the_layout_and_the_tags(monitored_run: Dict[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_layout_follows_the_tensorboard_logger_prefix(tmp_path: Any) -> None:
+    """``TensorBoardLogger(prefix="x")`` writes ``x-monitor.grad/...``: the layout's regexes say so too."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0, prefix="x")
+    trainer = make_trainer(tmp_path, [GradientStatsMonitor(every_n_steps=5)], max_steps=5, logger=logger)
+    trainer.fit(Classifier(), make_loader())
+    log_dir = str(tmp_path / "tb" / "version_0")
+    tags = [t for t in read_events(log_dir).Tags()["scalars"] if t.startswith("x-monitor.grad/_total/norm")]
+    (layout,) = layout_events(log_dir)
+    regex = layout.category[1].chart[0].multiline.tag[0]
+    assert tags and all(re.match(regex, t) for t in tags), (regex, tags)
+    assert regex == layout_panels("monitor", "x-")[1]["charts"][0]["tags"][0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Tuple
 
-from lightwatch.core.runtime import tensorboard_writers
+from lightwatch.core.runtime import is_global_zero
 
 __all__ = ["LAYOUT_TAG", "layout_panels", "layout_proto", "layout_summary", "write_layout_once"]
 
@@ -52,11 +52,13 @@ _PANELS: Tuple[Tuple[str, bool, Tuple[Tuple[str, Tuple[str, ...]], ...]], ...] =
 )
 
 
-def layout_panels(prefix: str = "monitor") -> List[Dict[str, Any]]:
+def layout_panels(prefix: str = "monitor", logger_prefix: str = "") -> List[Dict[str, Any]]:
     """The panels of the layout as plain data: ``[{"title", "closed", "charts": [{"title", "tags"}]}]``.
 
     Args:
         prefix: the monitors' tag prefix (``monitor`` by default).
+        logger_prefix: what the logger puts before every tag (``TensorBoardLogger(prefix="x")`` writes
+            ``x-monitor.grad/...``): ``"x-"``; empty for none.
 
     Example:
         >>> panels = layout_panels()
@@ -67,13 +69,13 @@ def layout_panels(prefix: str = "monitor") -> List[Dict[str, Any]]:
         >>> bool(re.match(chart["tags"][0], "monitor.grad/_total/norm"))
         True
     """
-    p = re.escape(prefix)
+    p, lp = re.escape(prefix), re.escape(logger_prefix)
     return [{"title": title, "closed": closed,
-             "charts": [{"title": name, "tags": [t.replace("{p}", p) for t in tags]} for name, tags in charts]}
+             "charts": [{"title": name, "tags": [lp + t.replace("{p}", p) for t in tags]} for name, tags in charts]}
             for title, closed, charts in _PANELS]
 
 
-def layout_proto(prefix: str = "monitor") -> Any:
+def layout_proto(prefix: str = "monitor", logger_prefix: str = "") -> Any:
     """The layout as TensorBoard's ``tensorboard.Layout`` protobuf.
 
     Example:
@@ -83,14 +85,14 @@ def layout_proto(prefix: str = "monitor") -> Any:
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     categories = []
-    for panel in layout_panels(prefix):
+    for panel in layout_panels(prefix, logger_prefix):
         charts = [layout_pb2.Chart(title=c["title"], multiline=layout_pb2.MultilineChartContent(tag=c["tags"]))
                   for c in panel["charts"]]
         categories.append(layout_pb2.Category(title=panel["title"], chart=charts, closed=panel["closed"]))
     return layout_pb2.Layout(category=categories)
 
 
-def layout_summary(prefix: str = "monitor") -> Any:
+def layout_summary(prefix: str = "monitor", logger_prefix: str = "") -> Any:
     """A ``Summary`` protobuf holding the layout under :data:`LAYOUT_TAG`, as the custom-scalars plugin reads it.
 
     Example:
@@ -101,7 +103,7 @@ def layout_summary(prefix: str = "monitor") -> Any:
     from tensorboard.compat.proto.tensor_pb2 import TensorProto
     from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 
-    tensor = TensorProto(dtype="DT_STRING", string_val=[layout_proto(prefix).SerializeToString()],
+    tensor = TensorProto(dtype="DT_STRING", string_val=[layout_proto(prefix, logger_prefix).SerializeToString()],
                          tensor_shape=TensorShapeProto())
     metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom_scalars"))
     return Summary(value=[Summary.Value(tag=LAYOUT_TAG, tensor=tensor, metadata=metadata)])
@@ -117,13 +119,18 @@ def write_layout_once(trainer: Any, prefix: str = "monitor") -> int:
         the number of event files the layout was written to now.
     """
     written = 0
-    for experiment in tensorboard_writers(trainer):
-        if getattr(experiment, _WRITTEN_FLAG, False):
+    if not is_global_zero(trainer):
+        return 0
+    for lg in list(getattr(trainer, "loggers", None) or []):
+        experiment = getattr(lg, "experiment", None)
+        if experiment is None or getattr(experiment, _WRITTEN_FLAG, False):
             continue
         get_file_writer = getattr(experiment, "_get_file_writer", None)
         if get_file_writer is None:  # not torch's SummaryWriter: nothing to write the protobuf through
             continue
-        get_file_writer().add_summary(layout_summary(prefix), 0)
+        tag_prefix = getattr(lg, "_prefix", "") or ""
+        logger_prefix = f"{tag_prefix}{getattr(lg, 'LOGGER_JOIN_CHAR', '-')}" if tag_prefix else ""
+        get_file_writer().add_summary(layout_summary(prefix, logger_prefix), 0)
         setattr(experiment, _WRITTEN_FLAG, True)
         written += 1
     return written
