@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -69,8 +69,11 @@ class WeightSnapshot:
         self.min_elements = int(min_elements)
         self._strides: Optional[List[int]] = None
         self._scale: Optional[torch.Tensor] = None
-        self._kept: Optional[List[torch.Tensor]] = None
+        self._kept: Any = None  # one flat tensor, or one tensor per parameter
         self._views: List[torch.Tensor] = []
+        self._view_storages: Optional[List[int]] = None
+        self._lengths: Optional[torch.Tensor] = None
+        self._flat = False
         #: elements held by the last snapshot (its memory is this times the element size)
         self.kept_elements = 0
 
@@ -92,15 +95,28 @@ class WeightSnapshot:
         flat = local_tensor(t.detach()).reshape(-1)
         return flat if stride == 1 else flat[stride // 2::stride]
 
-    def take(self, params: Sequence[torch.Tensor]) -> None:
-        """Copy the kept elements of ``params`` (before the optimizer step)."""
+    def _views_of(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The kept elements of ``params`` as views, built once and reused while the parameters keep their
+        storage (optimizers update in place; a moved or re-created parameter gets new views)."""
+        storages = [local_tensor(p).untyped_storage().data_ptr() for p in params]
         if self._strides is None or len(self._strides) != len(params):
             self._strides = [self._stride(local_tensor(p)) for p in params]
-            self._scale = None
-        # the views are read again after the step: optimizers update parameters in place
-        self._views = [self._view(p, s) for p, s in zip(params, self._strides)]
-        self._kept = torch._foreach_mul(self._views, 1.0) if self._views else []  # one fused copy
-        self.kept_elements = sum(k.numel() for k in self._kept)
+            self._scale = self._lengths = None
+            self._view_storages = None
+        if storages != self._view_storages:
+            self._views = [self._view(p, s) for p, s in zip(params, self._strides)]
+            self._view_storages = storages
+            self._flat = bool(self._views) and all(v.dtype == torch.float32 and v.device == self._views[0].device
+                                                   for v in self._views)
+        return self._views
+
+    def take(self, params: Sequence[torch.Tensor]) -> None:
+        """Copy the kept elements of ``params`` (before the optimizer step)."""
+        views = self._views_of(params)
+        # float32 on one device: one flat copy, reduced per tensor with two segment sums after the step;
+        # otherwise one fused copy per tensor (mixed dtypes cannot share a buffer)
+        self._kept = torch.cat(views) if self._flat else (torch._foreach_mul(views, 1.0) if views else [])
+        self.kept_elements = sum(v.numel() for v in views)
 
     @property
     def pending(self) -> bool:
@@ -115,16 +131,21 @@ class WeightSnapshot:
         if self._kept is None or self._strides is None:
             raise RuntimeError("WeightSnapshot.norms_sq: no snapshot was taken; call take(params) before the step.")
         kept, self._kept = self._kept, None
-        if self._scale is None or self._scale.device != kept[0].device:
-            scale = [local_tensor(p).numel() / max(k.numel(), 1) for p, k in zip(params, kept)]
-            self._scale = torch.tensor(scale, dtype=torch.float32, device=kept[0].device)
-        before_sq = fused_norms(kept).square()
-        after, self._views = self._views, []
-        if len(after) != len(params) or any(a.untyped_storage().data_ptr() != local_tensor(p).untyped_storage().data_ptr()
-                                            for a, p in zip(after, params)):
-            after = [self._view(p, s) for p, s in zip(params, self._strides)]  # a parameter was replaced
-        torch._foreach_sub_(kept, after)  # in place: the copy becomes -Δw, no second allocation
-        delta_sq = fused_norms(kept).square()
+        views = self._views_of(params)
+        device = views[0].device
+        if self._scale is None or self._scale.device != device:
+            sizes = [v.numel() for v in views]
+            scale = [local_tensor(p).numel() / max(k, 1) for p, k in zip(params, sizes)]
+            self._scale = torch.tensor(scale, dtype=torch.float32, device=device)
+            self._lengths = torch.tensor(sizes, dtype=torch.long, device=device)
+        if isinstance(kept, torch.Tensor):
+            before_sq = torch.segment_reduce(kept * kept, "sum", lengths=self._lengths)
+            kept.sub_(torch.cat(views))  # in place: the copy becomes -Δw
+            delta_sq = torch.segment_reduce(kept * kept, "sum", lengths=self._lengths)
+        else:
+            before_sq = fused_norms(kept).square()
+            torch._foreach_sub_(kept, views)  # in place: the copy becomes -Δw, no second allocation
+            delta_sq = fused_norms(kept).square()
         return before_sq * self._scale, delta_sq * self._scale
 
 
