@@ -78,9 +78,9 @@ def _compiled(module: nn.Module) -> bool:
 class _StepSums:
     """The device-side sums of one sampled step, one slot per watched module, packed into one flat buffer.
 
-    Per module: a SUM row (Σy, Σy², non-zeros and saturated values in the sample) and a MAX row (-min, max)
-    in one preallocated tensor, host counts known from shapes, per-unit "alive" flags for rectifiers and a
-    histogram row. :meth:`pack` merges the ranks (one SUM and one MAX all-reduce) and empties the slots for
+    Per module: a SUM row (Σy, Σy², non-zeros and saturated values in the sample) and a MAX row (-min, max),
+    kept as the reductions' own 0-d results until :meth:`pack` stacks all modules' in one op; host counts
+    known from shapes, per-unit "alive" flags for rectifiers and a histogram row. :meth:`pack` merges the ranks (one SUM and one MAX all-reduce) and empties the slots for
     the next sampled step; :meth:`unpack` splits the values read back on the host.
     """
 
@@ -90,8 +90,8 @@ class _StepSums:
         self.rectifier: List[bool] = []
         self.nonnegative: List[bool] = []  # rectifiers whose outputs are never negative (ReLU, ReLU6)
         self.rows: Optional[torch.Tensor] = None
-        self.sum: Optional[torch.Tensor] = None
-        self.max: Optional[torch.Tensor] = None
+        self.empty: List[torch.Tensor] = []
+        self.values: List[Optional[List[torch.Tensor]]] = []
         self.zero: Optional[torch.Tensor] = None
         self.alive: List[Optional[torch.Tensor]] = []
         self.hist: List[Optional[torch.Tensor]] = []
@@ -109,29 +109,23 @@ class _StepSums:
         self.counts = [[0.0] * _COUNT_WIDTH for _ in range(self.modules)]
         self.hist = [None] * self.modules
         self.order = [-1] * self.modules
+        self.values: List[Optional[List[torch.Tensor]]] = [None] * self.modules
 
     def buffers(self, device: torch.device) -> torch.Tensor:
-        """One preallocated row per module: the SUM columns, then the MAX columns (views ``sum``, ``max``)."""
+        """The row a module that was not called this step contributes: zero sums, no min (+inf), no max (-inf)."""
         if self.rows is None or self.rows.device != device:
-            self.rows = torch.zeros(self.modules, _SUM_WIDTH + _MAX_WIDTH, device=device, dtype=torch.float32)
-            self.sum, self.max = self.rows[:, :_SUM_WIDTH], self.rows[:, _SUM_WIDTH:]
-            self._empty_max()
+            empty = [0.0] * _SUM_WIDTH + [float("inf"), -float("inf")]
+            self.rows = torch.tensor(empty, device=device, dtype=torch.float32)
+            self.empty = list(self.rows.unbind(0))
             self.zero = torch.zeros((), device=device)
         return self.rows
-
-    def _empty_max(self) -> None:
-        # during a step the MAX columns hold (min, max): an unset min is +inf, so that negated in `pack` it reads
-        # -inf, the identity of MAX
-        assert self.max is not None
-        self.max[:, _M_NEG_MIN].fill_(float("inf"))
-        self.max[:, _M_MAX].fill_(-float("inf"))
 
     def record(self, i: int, y: torch.Tensor, saturation: Any, channel_first: bool, histogram: bool) -> None:
         """Add the output ``y`` of module ``i`` (``saturation``: its bound mask, if bounded)."""
         n = y.numel()
         if n == 0:
             return
-        rows = self.buffers(y.device)
+        self.buffers(y.device)
         if self.order[i] < 0:
             self.order[i] = self.calls
             self.calls += 1
@@ -142,20 +136,17 @@ class _StepSums:
         sample = strided_sample(y, self.sample_size)
         nonzero = sample.bool().sum()  # count_nonzero, at 60% of its cost on the CPU
         saturated = saturation(sample).sum() if saturation is not None else self.zero
-        # Written as (Σy, ‖y‖, ..., min, max): the norm is squared and the min negated once per step for all
-        # modules in `pack` (-min and max reduce with MAX across ranks; NaN propagates, so non-finite outputs stay
-        # visible), two ops a step instead of two a module.
+        # Kept as 0-d tensors (Σy, ‖y‖, non-zeros, saturated, min, max) and stacked for all modules at once in
+        # `pack`, where the norms are squared and the mins negated (-min and max reduce with MAX across ranks;
+        # NaN propagates, so non-finite outputs stay visible): per module no op beyond the reductions themselves.
         counts = self.counts[i]
-        if counts[_C_CALLS] == 0:  # the usual case: one call per step, written in place with one op
-            torch.stack([total, norm, nonzero, saturated, lo, hi], out=rows[i])
+        previous = self.values[i]
+        if previous is None:  # the usual case: one call per step
+            self.values[i] = [total, norm, nonzero, saturated, lo, hi]
         else:  # a module called again in the same step (shared layer, accumulation): accumulate
-            row = torch.stack([total, norm, nonzero, saturated, lo, hi]).float()
-            sums, maxes = self.sum[i], self.max[i]  # type: ignore[index]
-            sums[_S_SQ] = torch.hypot(sums[_S_SQ], row[_S_SQ])  # the norm of both calls' outputs together
-            sums[_S_SUM] += row[_S_SUM]
-            sums[_S_NONZERO:] += row[_S_NONZERO:_SUM_WIDTH]
-            torch.minimum(maxes[_M_NEG_MIN], row[_SUM_WIDTH + _M_NEG_MIN], out=maxes[_M_NEG_MIN])
-            torch.maximum(maxes[_M_MAX], row[_SUM_WIDTH + _M_MAX], out=maxes[_M_MAX])
+            self.values[i] = [previous[0] + total, torch.hypot(previous[1], norm),  # the norm of both outputs
+                              previous[2] + nonzero, previous[3] + saturated,
+                              torch.minimum(previous[4], lo), torch.maximum(previous[5], hi)]
         counts[_C_N] += n
         counts[_C_SAMPLE] += sample.numel()
         counts[_C_CALLS] += 1
@@ -182,27 +173,29 @@ class _StepSums:
     def pack(self, units: List[int], with_units: List[int]) -> Tuple[torch.Tensor, List[int], List[bool]]:
         """One flat buffer: the SUM part and MAX part (reduced across ranks), then histograms; with the forward
         order and which modules have a histogram row. ``units``: units per module, agreed over ranks."""
-        assert self.sum is not None and self.max is not None
-        device = self.sum.device
-        self.sum[:, _S_SQ].square_()  # norms -> sums of squares
-        self.max[:, _M_NEG_MIN].neg_()  # min -> -min
+        assert self.rows is not None
+        device = self.rows.device
+        # one stack for every module's values (mixed float and integer counts promote to float32)
+        rows = torch.stack([v for vals in self.values for v in (vals if vals is not None else self.empty)])
+        rows = rows.view(self.modules, _SUM_WIDTH + _MAX_WIDTH).float()
+        sums, maxes = rows[:, :_SUM_WIDTH], rows[:, _SUM_WIDTH:]
+        sums[:, _S_SQ].square_()  # norms -> sums of squares
+        maxes[:, _M_NEG_MIN].neg_()  # min -> -min
         alive = [self._fit(self.alive[i], units[i], device) for i in with_units]
         # host counts travel with the device sums: pinned and non-blocking, so the copy never stalls
         counts = torch.tensor(self.counts, pin_memory=device.type == "cuda").to(device, non_blocking=True)
-        sum_part = torch.cat([self.sum.reshape(-1), counts.reshape(-1)])
-        max_part = torch.cat([self.max.reshape(-1)] + alive)
+        sum_part = torch.cat([sums.reshape(-1), counts.reshape(-1)])
+        max_part = torch.cat([maxes.reshape(-1)] + alive)
         all_reduce_flat(sum_part, max_part)  # a no-op on one process
         # units alive on any rank, counted after the MAX: one segment sum over the modules that have units
-        flags = max_part[self.max.numel():]
+        flags = max_part[maxes.numel():]
         alive_counts = torch.zeros(len(with_units), device=device).index_add_(
             0, self._segments(device, units, with_units), flags) if with_units else flags
-        parts = [sum_part, max_part[: self.max.numel()], alive_counts]
+        parts = [sum_part, max_part[: maxes.numel()], alive_counts]
         hist_mask = [h is not None for h in self.hist]
         hist_rows = [h for h in self.hist if h is not None]
         if hist_rows:
             parts.append(torch.stack(hist_rows).reshape(-1))
-        self.sum.zero_()
-        self._empty_max()
         order = self.order
         self.layout(self.sample_size, self.rectifier, self.nonnegative)
         self.calls = 0
