@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -384,6 +385,13 @@ def _plain(value: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
     return out
 
 
+def _content_digest(data: Mapping[str, Any]) -> str:
+    """SHA-256 of ``data`` as canonical JSON (sorted keys, no spaces): what :meth:`DataProfile.save` records and
+    :meth:`DataProfile.load` checks, so a damaged or altered profile is an error, not a silently wrong reference."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------- profile
 @dataclass
 class DataProfile:
@@ -451,6 +459,7 @@ class DataProfile:
     def save(self, path: Union[str, "os.PathLike[str]"], with_hashes: bool = True) -> None:
         """Write to ``path`` atomically (temporary file beside it, fsync, rename)."""
         data = self.to_dict(with_hashes)
+        data["sha256"] = _content_digest(data)
         try:
             from lightwatch.core.atomic import atomic_write_json
         except ImportError:  # pragma: no cover - the atomic helpers ship with lightwatch
@@ -490,6 +499,14 @@ class DataProfile:
         except UnicodeDecodeError as err:
             raise ProfileError(f"data profile {path!r}: not a text file ({err}); profiles are JSON, never pickle.") \
                 from None
+        if isinstance(obj, dict) and "sha256" in obj:
+            obj = dict(obj)
+            recorded = obj.pop("sha256")
+            if recorded != _content_digest(obj):
+                raise ProfileError(
+                    f"data profile {path!r}: its content does not match the SHA-256 written with it; the file was "
+                    "altered or damaged after it was saved. Re-create it with DataQualityMonitor(profile_path=...) "
+                    "(or, for a profile edited by hand on purpose, delete its 'sha256' key).")
         return cls.from_dict(obj, repr(path))
 
     def summary(self) -> str:

@@ -18,22 +18,30 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from weakref import proxy
 
 from lightwatch.core.alerts import Alert, AlertCooldown, alert_log, severity_at_least
 from lightwatch.core.checkpoint.attributes import AssignedAttribute, PartAttribute
-from lightwatch.core.checkpoint.errors import CheckpointSaveError, CheckpointWarning
+from lightwatch.core.checkpoint.errors import CheckpointIntegrityError, CheckpointSaveError, CheckpointWarning
 from lightwatch.core.checkpoint.naming import FileNamer, finite_or_none, safe_name_part, template_fields
 from lightwatch.core.checkpoint.report import SOURCE as _SOURCE
-from lightwatch.core.checkpoint.report import exception_item, exception_save, publish_warning, write_save
+from lightwatch.core.checkpoint.report import (
+    exception_item,
+    exception_save,
+    publish_save_failure,
+    publish_warning,
+    write_save,
+)
 from lightwatch.core.checkpoint.schedule import CheckpointSchedule
 from lightwatch.core.checkpoint.selection import REASONS, REQUESTABLE_REASONS, CheckpointSelection, Item
+from lightwatch.core.checkpoint.integrity import check_dirpath, verified_rollback_point, verify_recorded
 from lightwatch.core.checkpoint.store import MANIFEST_NAME, MANIFEST_VERSION, CheckpointStore, local_dirpath
 from lightwatch.core.checkpoint.trainer import (
     check_fit_setup,
     export_best,
     fitting,
+    guard_checkpoint_loads,
     monitor_problem,
     param_bytes,
     read_rank0_values,
@@ -52,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "MetricCheckpoint",
+    "CheckpointIntegrityError",
     "CheckpointSaveError",
     "CheckpointWarning",
     "REASONS",
@@ -64,6 +73,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("lightwatch")
+
+
+def _no_guard() -> None:
+    """Nothing to undo (no load guard installed)."""
 
 
 class _MetricCheckpoint:
@@ -179,6 +192,7 @@ class _MetricCheckpoint:
         super().__init__()
         CheckpointSelection.check_target(monitor, mode)
         dirpath = local_dirpath(dirpath)
+        check_dirpath(dirpath)
         if export not in (None, "onnx", "torchscript"):
             raise ValueError(f"MetricCheckpoint: export must be None, 'onnx' or 'torchscript', got {export!r}.")
         self.filename = filename or "{epoch}" + self.CHECKPOINT_JOIN_CHAR + "{step}"
@@ -204,6 +218,7 @@ class _MetricCheckpoint:
         self._ready = False
         self._saving = False
         self._trainer_ref: Optional[Any] = None
+        self._unguard: Callable[[], None] = _no_guard  # removes the hash check around the Trainer's loads
 
     @property
     def state_key(self) -> str:
@@ -261,6 +276,11 @@ class _MetricCheckpoint:
         """
         return self._store.latest_healthy()
 
+    def verified_rollback_point(self) -> Tuple[Optional[str], List[str]]:
+        """The newest healthy checkpoint whose file still matches the SHA-256 recorded at its commit, and what
+        is wrong with each newer healthy one passed over; a rollback restores from it (called on rank 0)."""
+        return verified_rollback_point(self._store)
+
     def request_save(self, reason: str = "alert", alert: Optional[Alert] = None) -> None:
         """Ask for a checkpoint at the next safe point of the training loop; call it on every rank.
 
@@ -294,6 +314,8 @@ class _MetricCheckpoint:
         alert_log(trainer).subscribe(self._on_alert)
         dirpath = trainer.strategy.broadcast(self.dirpath or resolve_dirpath(trainer))
         self.dirpath = dirpath
+        self._unguard()
+        self._unguard = guard_checkpoint_loads(trainer, self._store)
         if stage != "fit":
             return
         others = [cb.dirpath for cb in trainer.callbacks if isinstance(cb, _MetricCheckpoint) and cb is not self]
@@ -372,10 +394,22 @@ class _MetricCheckpoint:
         # Every full checkpoint this Trainer writes carries the RNG states a rollback restores.
         checkpoint.setdefault("lightwatch", {})["rng"] = collect_rng_state()
 
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: Dict[str, Any]) -> None:
+        # Second line behind the load guard (strategies that load without checkpoint_io): the first hook after
+        # Lightning read `ckpt_path`, before training or evaluation uses it.
+        path = getattr(trainer, "ckpt_path", None)
+        problem = verify_recorded(self._store, str(path)) if path and is_global_zero(trainer) else ""
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise CheckpointIntegrityError(problem)
+
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
             self._ready = False  # a later fit() re-reads the manifest
         alert_log(trainer).unsubscribe(self._on_alert)
+        self._unguard()
+        self._unguard = _no_guard
         self.writer.flush(trainer)
 
     def state_dict(self) -> Dict[str, Any]:
@@ -418,8 +452,13 @@ class _MetricCheckpoint:
         try:
             context = {"best": self.best_model_path, "last": self.last_model_path,
                        "latest_healthy": self.latest_healthy()}
-            plan = save_round(trainer, pl_module, self._selection, self._store, items, values, self._namer(),
-                              self.save_weights_only, own_prefix=f"{self.writer.prefix}.ckpt/", error_context=context)
+            try:
+                plan = save_round(trainer, pl_module, self._selection, self._store, items, values, self._namer(),
+                                  self.save_weights_only, own_prefix=f"{self.writer.prefix}.ckpt/",
+                                  error_context=context)
+            except CheckpointSaveError as exc:
+                publish_save_failure(trainer, self.writer, self.monitor, exc)
+                raise
             self._assigned.clear()
             self._after_save(trainer, pl_module, plan)
         finally:

@@ -164,6 +164,7 @@ class AlertLog:
         self.history: List[Alert] = []
         self.max_history = 1000
         self._path: Optional[str] = None
+        self._write_failed = False
 
     @property
     def path(self) -> Optional[str]:
@@ -198,15 +199,57 @@ class AlertLog:
             listener(alert)
 
     def _write_file(self, trainer: Any, alert: Alert) -> None:
-        if self._path is None:
-            directory = run_dir(trainer)
-            os.makedirs(directory, exist_ok=True)
-            self._path = os.path.join(directory, ALERTS_FILENAME)
         line = json.dumps(alert.to_record(), allow_nan=False) + "\n"
-        # One write call per line, flushed at once: a crash never leaves half a record behind another.
-        with open(self._path, "a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
+        try:
+            if self._path is None:
+                directory = run_dir(trainer)
+                os.makedirs(directory, exist_ok=True)
+                self._path = os.path.join(directory, ALERTS_FILENAME)
+                drop_partial_line(self._path)
+            # One write call per line, flushed at once: a crash never leaves half a record behind another.
+            with open(self._path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+        except OSError as exc:
+            # A full disk or a lost directory must not end training from inside lightwatch: the alert still
+            # reaches Python logging and the listeners (a failed checkpoint save raises on its own).
+            if not self._write_failed:
+                logger.error("lightwatch: could not write %s (%s); alerts go to the log only until it can be "
+                             "written again.", self._path or ALERTS_FILENAME, exc)
+            self._write_failed = True
+            return
+        self._write_failed = False
+
+
+def drop_partial_line(path: str) -> int:
+    """Cut a half-written last line (no newline: a process killed inside a write) off the end of ``path`` so the
+    next record starts on a line of its own; returns the bytes removed (0 when the file ends cleanly or is absent).
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "alerts.jsonl")
+        >>> with open(path, "w") as fh:
+        ...     _ = fh.write('{"rule": "a"}\\n{"rule": "b", "mess')
+        >>> drop_partial_line(path), open(path).read()
+        (19, '{"rule": "a"}\\n')
+    """
+    try:
+        with open(path, "rb+") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
+                return 0
+            fh.seek(max(0, size - 65536))
+            tail = fh.read()
+            if tail.endswith(b"\n"):
+                return 0
+            cut = tail.rfind(b"\n")
+            keep = (size - len(tail) + cut + 1) if cut >= 0 else 0
+            fh.truncate(keep)
+    except FileNotFoundError:
+        return 0
+    logger.warning("lightwatch: %s ended in a half-written line (%d bytes, from a process that was killed while "
+                   "writing it); the line was removed.", path, size - keep)
+    return size - keep
 
 
 _LOGS: "weakref.WeakKeyDictionary[Any, AlertLog]" = weakref.WeakKeyDictionary()

@@ -451,11 +451,15 @@ class Recovery:
         """The newest healthy checkpoint's state, or ``None`` and why (decided alike on every rank)."""
         if ckpt_cb is None:
             return None, None
-        path = ckpt_cb.latest_healthy()
+        path, skipped = self._rollback_point(trainer, ckpt_cb)
         if distributed_ready():  # every rank must load the same file
-            path = trainer.strategy.broadcast(path, src=0)
+            path, skipped = trainer.strategy.broadcast((path, skipped), src=0)
+        if skipped:
+            logger.warning("lightwatch: rollback passed over checkpoint(s) that no longer match the manifest: %s",
+                           "; ".join(skipped))
         if not path:
-            return None, None
+            return None, ("no healthy checkpoint matches its manifest record (" + "; ".join(skipped) + ")"
+                          if skipped else None)
         problem = None
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -479,6 +483,18 @@ class Recovery:
                  "lr_schedulers": ckpt.get("lr_schedulers", []), "precision": precision}
         rng = (ckpt.get("lightwatch") or {}).get("rng")
         return (state, str(path), restored, saved_scale, rng, True), None
+
+    @staticmethod
+    def _rollback_point(trainer: Any, ckpt_cb: Any) -> Tuple[Optional[str], List[str]]:
+        """The checkpoint to restore (verified against its recorded hash where the callback can) and the newer
+        healthy files passed over; hashed on global rank 0 only (the others take its answer)."""
+        pick = getattr(ckpt_cb, "verified_rollback_point", None)
+        if not callable(pick):
+            return ckpt_cb.latest_healthy(), []
+        if distributed_ready() and not getattr(trainer, "is_global_zero", True):
+            return None, []
+        path, skipped = pick()
+        return path, list(skipped)
 
     def _load_snapshot(self) -> Optional[tuple]:
         snap = self.ring.take()

@@ -4,6 +4,8 @@
   healthy marks and pinned rollback points);
 - :mod:`~lightwatch.core.checkpoint.schedule`: when a check is due;
 - :mod:`~lightwatch.core.checkpoint.store`: how files and ``manifest.json`` are committed, verified and deleted;
+- :mod:`~lightwatch.core.checkpoint.integrity`: a file checked against its record before it is loaded, a
+  ``dirpath`` checked at construction;
 - :mod:`~lightwatch.core.checkpoint.naming`: file names from templates;
 - :mod:`~lightwatch.core.checkpoint.trainer`: the steps of a save taken through a running Trainer (duck-typed);
 - :mod:`~lightwatch.core.checkpoint.report`: the callback's warnings (alert records), the scalars and text of a
@@ -14,7 +16,7 @@
 ``lightwatch.callbacks.MetricCheckpoint`` is the Lightning adapter over these parts.
 """
 from lightwatch.core.checkpoint.action import CheckpointTarget, checkpoint_targets, request_checkpoint
-from lightwatch.core.checkpoint.errors import CheckpointSaveError, CheckpointWarning
+from lightwatch.core.checkpoint.errors import CheckpointIntegrityError, CheckpointSaveError, CheckpointWarning
 
-__all__ = ["CheckpointSaveError", "CheckpointTarget", "CheckpointWarning", "checkpoint_targets",
+__all__ = ["CheckpointIntegrityError", "CheckpointSaveError", "CheckpointTarget", "CheckpointWarning", "checkpoint_targets",
            "request_checkpoint"]

@@ -5,7 +5,7 @@ import errno as _errno
 import os
 from typing import Any, Mapping, Optional
 
-__all__ = ["CheckpointSaveError", "CheckpointWarning", "save_error"]
+__all__ = ["CheckpointIntegrityError", "CheckpointSaveError", "CheckpointWarning", "save_error"]
 
 
 class CheckpointSaveError(OSError):
@@ -19,6 +19,17 @@ class CheckpointSaveError(OSError):
         >>> err = CheckpointSaveError(errno.ENOSPC, "could not save last.ckpt: no space left on device")
         >>> err.errno == errno.ENOSPC, isinstance(err, OSError)
         (True, True)
+    """
+
+
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint named in ``manifest.json`` no longer matches the size or SHA-256 recorded when it was committed
+    (truncated, altered or replaced since): raised before its state is used to resume, test or roll back.
+
+    Example:
+        >>> err = CheckpointIntegrityError("last.ckpt: its SHA-256 does not match the manifest")
+        >>> isinstance(err, ValueError)
+        True
     """
 
 

@@ -6,6 +6,7 @@ the callback bound to ``pytorch_lightning`` or to ``lightning.pytorch`` uses it 
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -16,7 +17,9 @@ from lightwatch.core.checkpoint.trainer import fitting
 from lightwatch.core.runtime import distributed_ready, is_global_zero, logging_step
 from lightwatch.core.writer import MonitorWriter
 
-__all__ = ["SOURCE", "exception_item", "exception_save", "publish_warning", "write_save"]
+__all__ = ["SOURCE", "exception_item", "exception_save", "publish_save_failure", "publish_warning", "write_save"]
+
+logger = logging.getLogger("lightwatch")
 
 #: The ``source`` of the alerts a checkpoint callback publishes; its healthy marks leave these out.
 SOURCE = "MetricCheckpoint"
@@ -67,6 +70,28 @@ def publish_warning(trainer: Any, writer: MonitorWriter, cooldown: AlertCooldown
                   value=None if value is None else float(value), action="log", step=step,
                   epoch=int(getattr(trainer, "current_epoch", 0)))
     alert_log(trainer).publish(alert, writer)
+    return alert
+
+
+def publish_save_failure(trainer: Any, writer: MonitorWriter, subject: Optional[str],
+                         error: BaseException) -> Alert:
+    """Publish the ``checkpoint_save_failed`` alert (critical, action ``raise``) for a failed save, before the
+    :class:`~lightwatch.core.checkpoint.errors.CheckpointSaveError` ends training: every rank counts it, rank 0
+    writes it (to ``alerts.jsonl`` unless that disk is the full one; Python logging always).
+
+    Example:
+        >>> class Trainer:
+        ...     is_global_zero, global_step, current_epoch = False, 9, 0
+        >>> publish_save_failure(Trainer(), MonitorWriter("monitor"), None, OSError(28, "full")).severity
+        'critical'
+    """
+    alert = Alert(source=SOURCE, rule="checkpoint_save_failed", severity="critical", message=str(error),
+                  subject=subject, value=None if getattr(error, "errno", None) is None else float(error.errno),
+                  action="raise", step=logging_step(trainer), epoch=int(getattr(trainer, "current_epoch", 0)))
+    try:
+        alert_log(trainer).publish(alert, writer)
+    except Exception as exc:  # the save error itself must reach the user whatever happens here
+        logger.error("MetricCheckpoint: the alert for a failed save could not be published: %s", exc)
     return alert
 
 

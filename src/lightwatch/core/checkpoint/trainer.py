@@ -8,11 +8,12 @@ from __future__ import annotations
 import errno as _errno
 import os
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.nn.parameter import is_lazy
 
+from lightwatch.core.checkpoint.integrity import check_recorded
 from lightwatch.core.checkpoint.naming import FileNamer, metric_values, utc_now
 from lightwatch.core.checkpoint.selection import CheckpointSelection, Item
 from lightwatch.core.checkpoint.store import CheckpointStore
@@ -24,8 +25,10 @@ __all__ = [
     "agree_before_save",
     "check_fit_setup",
     "direct_write",
+    "error_code",
     "export_best",
     "fitting",
+    "guard_checkpoint_loads",
     "monitor_problem",
     "param_bytes",
     "params_finite",
@@ -177,6 +180,30 @@ def direct_write(trainer: Any) -> bool:
             and type(io).__module__.startswith(("lightning_fabric", "lightning.fabric")))
 
 
+def error_code(exc: BaseException) -> int:
+    """The ``errno`` behind ``exc``: its own, or that of an ``OSError`` it was raised from (torch.save wraps
+    the writer's errors), or ``ENOSPC`` when its text says so; -1 when there is none.
+
+    Example:
+        >>> try:
+        ...     try:
+        ...         raise OSError(_errno.ENOSPC, "No space left on device")
+        ...     except OSError as inner:
+        ...         raise RuntimeError("file write failed") from inner
+        ... except RuntimeError as outer:
+        ...     error_code(outer) == _errno.ENOSPC
+        True
+    """
+    seen = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno:
+            return int(current.errno)
+        current = current.__cause__ or current.__context__
+    return _errno.ENOSPC if "No space left on device" in str(exc) else -1
+
+
 def write_and_commit(trainer: Any, store: CheckpointStore, plan: Mapping[str, Any], weights_only: bool,
                      space_ok: bool = True, own_prefix: Optional[str] = None,
                      error_context: Optional[Mapping[str, Any]] = None) -> None:
@@ -221,7 +248,10 @@ def write_and_commit(trainer: Any, store: CheckpointStore, plan: Mapping[str, An
             temps += store.commit(plan, tmp, metric_values(trainer.callback_metrics, skip_prefix=own_prefix))
     except Exception as exc:
         failure = exc
-        code = int(getattr(exc, "errno", None) or -1) if isinstance(exc, OSError) else -1
+        code = error_code(exc)
+        if code < 0 and (rank0 or sharded) and store.space_problem():
+            # torch.save reports a full disk as RuntimeError("... file write failed"): name the cause
+            code = _errno.ENOSPC
         if rank0:
             store.discard(temps)
     flags = torch.tensor([1.0 if failure else 0.0, float(code), float(trainer.global_rank if failure else -1)],
@@ -286,6 +316,40 @@ def export_best(trainer: Any, pl_module: Any, store: CheckpointStore, fmt: str, 
         return f"MetricCheckpoint: exporting the best model as {fmt} failed: {exc}"
     store.record_export(fmt, final, best)
     return ""
+
+
+def guard_checkpoint_loads(trainer: Any, store: CheckpointStore) -> Callable[[], None]:
+    """Check every file the Trainer is about to load (``ckpt_path`` of fit, validate, test, "best" and "last"
+    included) against ``store``'s manifest *before* a byte of it is unpickled: a file the manifest records must
+    still match its size and SHA-256, else :class:`CheckpointIntegrityError`. Returns the undo function.
+
+    The check wraps the strategy's ``checkpoint_io.load_checkpoint`` of this Trainer only (an instance
+    attribute, removed by the undo function); strategies that load without it are checked after the load in
+    ``on_load_checkpoint``.
+    """
+    io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None)
+    original = getattr(io, "load_checkpoint", None)
+    if io is None or not callable(original):
+        return lambda: None
+
+    def load_checkpoint(path: Any, *args: Any, **kwargs: Any) -> Any:
+        check_recorded(store, str(path))
+        return original(path, *args, **kwargs)
+
+    had_own = "load_checkpoint" in getattr(io, "__dict__", {})
+    try:
+        io.load_checkpoint = load_checkpoint
+    except AttributeError:  # a checkpoint_io that forbids it: on_load_checkpoint still checks after the load
+        return lambda: None
+
+    def undo() -> None:
+        if io.__dict__.get("load_checkpoint") is load_checkpoint:
+            if had_own:
+                io.load_checkpoint = original
+            else:
+                del io.load_checkpoint
+
+    return undo
 
 
 def reconcile(trainer: Any, store: CheckpointStore, resuming: bool) -> Dict[str, Any]:
