@@ -1,6 +1,7 @@
 """Crash safety of MetricCheckpoint: training processes killed with SIGKILL, many times, then resumed.
 
-``LIGHTWATCH_CRASH_TRIALS`` sets the number of trials (default 16, about 20 s on two cores);
+``LIGHTWATCH_CRASH_TRIALS`` sets the number of trials (default 6, about 8 s on two cores; the reliability suite,
+``python -m bench.reliability``, runs 200);
 ``LIGHTWATCH_CRASH_SEED`` the seed of the kill schedule (default 0). Half of the trials are killed from
 outside at a random moment; the other half kill themselves at a chosen point of a save (mid-write, before
 the rename, after the pending manifest, mid-manifest, after a rename, before a deletion).
@@ -24,7 +25,7 @@ HERE = os.path.dirname(__file__)
 
 
 def test_sigkill_at_random_moments_and_during_writes_never_breaks_the_manifest(tmp_path: Any) -> None:
-    trials = int(os.environ.get("LIGHTWATCH_CRASH_TRIALS", "16"))
+    trials = int(os.environ.get("LIGHTWATCH_CRASH_TRIALS", "6"))
     seed = int(os.environ.get("LIGHTWATCH_CRASH_SEED", "0"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "ckpt_crash_trials.py"), str(tmp_path),
