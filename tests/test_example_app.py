@@ -244,8 +244,8 @@ def test_the_default_config_trains_well_and_raises_no_alert(tmp_path):
     result = app.run(cfg, str(tmp_path / "run"), choices)
     assert result.stopped is None and result.alerts == [] and read_alerts(result.out_dir) == []
     assert "alerts:      0" in result.report and "none: nothing went wrong" in result.report
-    assert ("policy:      monitor=default (act_stats=basic, data_quality=basic, grad_stats=basic, rules=default), "
-            "fault=none") in result.report
+    assert ("policy:      monitor=default (act_stats=basic, data_quality=basic, grad_stats=basic, rules=default, "
+            "system=basic, watchdog=basic), fault=none") in result.report
     acc = read_events(result.out_dir)
     val_acc = scalars(acc, "val/acc")
     assert val_acc[max(val_acc)] > 0.85 and result.val_loss is not None

@@ -35,6 +35,7 @@ from lightwatch.callbacks import (
     MetricCheckpoint,
     MetricMonitor,
 )
+from lightwatch.callbacks import HangWatchdog, SystemMonitor
 from lightwatch.hydra import COMPONENTS, MonitorConfigError, instantiate_monitors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,13 +46,15 @@ REQUIRED = {
     ("act_stats", "select"): {"monitor.act_stats.include": "[net]"},
     ("rules", "plateau"): {"monitor.rules.rules.val_plateau.metric": "val/loss"},
     ("checkpoint", "best"): {"monitor.checkpoint.monitor": "val/loss"},
+    ("prometheus", "push"): {"monitor.prometheus.pushgateway": "http://127.0.0.1:9091"},
 }
 # Constructor arguments a schema leaves out on purpose (none today).
 NOT_IN_SCHEMA: dict = {}
 # policy keys that lightwatch.hydra turns into constructor arguments (only_checks: every other check switched off)
 NOT_IN_CONSTRUCTOR = {"DataQualityConf": ("only_checks",)}
 STATS = [GradientStatsMonitor, ActivationStatsMonitor]
-ALL = [GradientStatsMonitor, ActivationStatsMonitor, DataQualityMonitor, MetricMonitor]
+JOB = [SystemMonitor, HangWatchdog]  # the job-health components of the default policy
+ALL = [GradientStatsMonitor, ActivationStatsMonitor, DataQualityMonitor, *JOB, MetricMonitor]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -167,7 +170,7 @@ def test_every_component_variant_composes_and_instantiates(component, variant):
     assert type(callback) is get_class(dict(COMPONENTS)[component]._target_)
     # ... and the policy-wide values reach the component through interpolation.
     assert callback.writer.prefix == "monitor"
-    if hasattr(callback, "every_n_steps"):
+    if getattr(callback, "every_n_steps", None) is not None:  # HangWatchdog: deadlines, no interval (None)
         assert callback.every_n_steps == 3
 
 
@@ -230,10 +233,12 @@ def test_command_line_overrides_reach_the_callbacks():
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    (["~monitor/act_stats"], [GradientStatsMonitor, DataQualityMonitor, MetricMonitor]),
-    (["monitor.act_stats=null"], [GradientStatsMonitor, DataQualityMonitor, MetricMonitor]),
-    (["~monitor/rules", "monitor.grad_stats=null", "~monitor/data_quality"], [ActivationStatsMonitor]),
-    (["monitor.grad_stats=null", "monitor.act_stats=null", "monitor.data_quality=null", "monitor.rules=null"], []),
+    (["~monitor/act_stats"], [GradientStatsMonitor, DataQualityMonitor, *JOB, MetricMonitor]),
+    (["monitor.act_stats=null"], [GradientStatsMonitor, DataQualityMonitor, *JOB, MetricMonitor]),
+    (["~monitor/rules", "monitor.grad_stats=null", "~monitor/data_quality"], [ActivationStatsMonitor, *JOB]),
+    (["monitor.grad_stats=null", "monitor.act_stats=null", "monitor.data_quality=null", "monitor.rules=null"], JOB),
+    (["~monitor/system", "monitor.watchdog=null"], [GradientStatsMonitor, ActivationStatsMonitor, DataQualityMonitor,
+                                                   MetricMonitor]),
     (["monitor/checkpoint=last"], [*ALL, MetricCheckpoint]),
     (["monitor.enabled=false"], []),
 ])
@@ -408,7 +413,8 @@ def test_instantiate_monitors_accepts_plain_dicts_and_the_root_config_and_reject
                                                    "every_n_steps": 3, "exclude": ["bias"]}})
     assert grad.every_n_steps == 3 and grad.selection.exclude == ["bias"]
     root = compose(overrides=["+monitor=strict"])
-    assert [cb.every_n_steps for cb in instantiate_monitors(root)] == [10, 10, 10, 10]
+    # HangWatchdog runs on deadlines, not a sampling interval
+    assert [cb.every_n_steps for cb in instantiate_monitors(root)] == [10, 10, 10, 10, None, 10]
     with pytest.raises(TypeError, match="cfg.monitor"):
         instantiate_monitors(["grad_stats"])
     with pytest.raises(MonitorConfigError, match="no `_target_`"):
@@ -549,7 +555,7 @@ def test_the_search_path_plugin_serves_an_app_outside_the_repository(outside_app
     assert "NAME outside" in result.stdout
     assert [line for line in result.stdout.splitlines() if line.startswith("CALLBACK")] == [
         "CALLBACK GradientStatsMonitor 4 ext stop", "CALLBACK DataQualityMonitor 10 ext -",
-        "CALLBACK MetricMonitor 10 ext -"]
+        "CALLBACK SystemMonitor 10 ext -", "CALLBACK HangWatchdog None ext -", "CALLBACK MetricMonitor 10 ext -"]
 
 
 def test_the_outside_app_gets_hydras_message_for_a_typo(outside_app):

@@ -16,6 +16,10 @@ _EXPORTS: Dict[str, Tuple[str, str]] = {
     "GradientStatsMonitor": ("lightwatch.callbacks", "GradientStatsMonitor"),
     "MetricCheckpoint": ("lightwatch.callbacks", "MetricCheckpoint"),
     "MetricMonitor": ("lightwatch.callbacks", "MetricMonitor"),
+    "SliceMonitor": ("lightwatch.callbacks", "SliceMonitor"),
+    "SystemMonitor": ("lightwatch.callbacks", "SystemMonitor"),
+    "HangWatchdog": ("lightwatch.callbacks", "HangWatchdog"),
+    "PrometheusExporter": ("lightwatch.callbacks", "PrometheusExporter"),
     "Alert": ("lightwatch.core.alerts", "Alert"),
     "MonitorError": ("lightwatch.core.alerts", "MonitorError"),
     "alert_log": ("lightwatch.core.alerts", "alert_log"),
@@ -27,7 +31,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightwatch.callbacks import (ActivationStatsMonitor, DataQualityMonitor, GradientStatsMonitor,
-                                      MetricCheckpoint, MetricMonitor)
+                                      MetricCheckpoint, MetricMonitor, SliceMonitor)
+    from lightwatch.callbacks import HangWatchdog, PrometheusExporter, SystemMonitor
     from lightwatch.core.actions import register_action
     from lightwatch.core.alerts import Alert, MonitorError, alert_log
     from lightwatch.hydra import instantiate_monitors

@@ -30,6 +30,8 @@ from lightwatch import hydra_schemas
 from lightwatch.hydra_schemas import *  # noqa: F401,F403  (the schemas, importable from here as before)
 from lightwatch.hydra_schemas import (ActStatsConf, ActStatsSelectConf, CheckpointBestConf, CheckpointConf,
                                       DataQualityConf, GradStatsConf, MonitorConf, RulesConf)
+from lightwatch.hydra_schemas import SlicesConf
+from lightwatch.hydra_schemas import PrometheusConf, PrometheusPushConf, SystemConf, WatchdogConf
 
 if TYPE_CHECKING:  # pragma: no cover
     import pytorch_lightning as pl
@@ -55,8 +57,12 @@ COMPONENTS: Tuple[Tuple[str, type], ...] = (
     ("grad_stats", GradStatsConf),
     ("act_stats", ActStatsConf),
     ("data_quality", DataQualityConf),
+    ("system", SystemConf),
+    ("watchdog", WatchdogConf),
     ("rules", RulesConf),
     ("checkpoint", CheckpointConf),
+    ("slices", SlicesConf),
+    ("prometheus", PrometheusConf),  # last: it exports the values the others computed in the same step
 )
 """``(key under monitor, schema)`` of every component, in the order the callbacks are returned.
 
@@ -71,6 +77,7 @@ _POLICY_KEYS = frozenset(f.name for f in fields(MonitorConf)) - {key for key, _ 
 _VARIANT_SCHEMAS: Tuple[Tuple[str, type], ...] = (
     ("act_stats_select", ActStatsSelectConf),
     ("checkpoint_best", CheckpointBestConf),
+    ("prometheus_push", PrometheusPushConf),
 )
 
 
@@ -238,15 +245,16 @@ def instantiate_monitors(cfg: Any) -> List["pl.Callback"]:
             holding a ``monitor`` key, is accepted as well).
 
     Returns:
-        The callbacks, in component order (``grad_stats``, ``act_stats``, ``data_quality``, ``rules``,
-        ``checkpoint``), ready for ``Trainer(callbacks=[*your_callbacks, *monitors])``.
+        The callbacks, in component order (``grad_stats``, ``act_stats``, ``data_quality``, ``system``,
+        ``watchdog``, ``rules``, ``checkpoint``, ...), ready for ``Trainer(callbacks=[*your_callbacks, *monitors])``.
 
     Example:
         >>> from hydra import compose, initialize_config_module
         >>> with initialize_config_module("lightwatch.conf", version_base="1.3"):
         ...     cfg = compose(overrides=["+monitor=default", "monitor.every_n_steps=10"])
-        >>> [type(cb).__name__ for cb in instantiate_monitors(cfg.monitor)]
-        ['GradientStatsMonitor', 'ActivationStatsMonitor', 'DataQualityMonitor', 'MetricMonitor']
+        >>> [type(cb).__name__ for cb in instantiate_monitors(cfg.monitor)]  # doctest: +NORMALIZE_WHITESPACE
+        ['GradientStatsMonitor', 'ActivationStatsMonitor', 'DataQualityMonitor', 'SystemMonitor', 'HangWatchdog',
+         'MetricMonitor']
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate

@@ -37,8 +37,16 @@ __all__ = [
     "RuleKind",
     "RulesConf",
     "Severity",
+    "SliceRuleConf",
+    "SliceRuleKind",
+    "SlicesConf",
     "SpikeMethod",
     "ThresholdConf",
+    "PrometheusConf",
+    "PrometheusMode",
+    "PrometheusPushConf",
+    "SystemConf",
+    "WatchdogConf",
 ]
 
 
@@ -173,6 +181,104 @@ class Export(Enum):
 
     onnx = "onnx"
     torchscript = "torchscript"
+
+
+class PrometheusMode(Enum):
+    """How :class:`~lightwatch.callbacks.PrometheusExporter` exports: an HTTP endpoint, a textfile, a push.
+
+    Example:
+        >>> PrometheusMode("push").name
+        'push'
+    """
+
+    http = "http"
+    textfile = "textfile"
+    push = "push"
+
+
+@dataclass
+class SystemConf:
+    """Schema of :class:`~lightwatch.callbacks.SystemMonitor` (``monitor.system``).
+
+    Example:
+        >>> SystemConf()._target_, SystemConf().patience
+        ('lightwatch.callbacks.SystemMonitor', 3)
+    """
+
+    _target_: str = "lightwatch.callbacks.SystemMonitor"
+    _convert_: str = "all"
+    every_n_steps: Optional[int] = None
+    input_bound_share: float = 0.5
+    input_bound_min_wait_seconds: float = 0.01
+    memory_warmup_steps: int = 3
+    memory_window: int = 12
+    regression_factor: float = 2.0
+    straggler_factor: float = 1.5
+    straggler_min_gap_seconds: float = 0.005
+    patience: int = 3
+    action: str = "warn"
+    skip_diagnoses: Optional[List[str]] = None
+    prefix: str = "monitor"
+    alert_cooldown_steps: int = 100
+
+
+@dataclass
+class WatchdogConf:
+    """Schema of :class:`~lightwatch.callbacks.HangWatchdog` (``monitor.watchdog``); deadlines in seconds.
+
+    Example:
+        >>> WatchdogConf().step_floor_seconds, WatchdogConf().abort
+        (300.0, False)
+    """
+
+    _target_: str = "lightwatch.callbacks.HangWatchdog"
+    _convert_: str = "all"
+    startup_seconds: float = 1800.0
+    step_seconds: Optional[float] = None
+    validation_seconds: Optional[float] = None
+    checkpoint_seconds: float = 1800.0
+    step_floor_seconds: float = 300.0
+    step_factor: float = 20.0
+    abort: bool = False
+    exit_code: int = 75
+    prefix: str = "monitor"
+
+
+@dataclass
+class PrometheusConf:
+    """Schema of :class:`~lightwatch.callbacks.PrometheusExporter` (``monitor.prometheus``; off unless selected).
+
+    Example:
+        >>> PrometheusConf().mode.name, PrometheusConf().port
+        ('http', 9464)
+    """
+
+    _target_: str = "lightwatch.callbacks.PrometheusExporter"
+    _convert_: str = "all"
+    mode: PrometheusMode = PrometheusMode.http
+    port: int = 9464
+    addr: str = "0.0.0.0"
+    textfile: Optional[str] = None
+    pushgateway: Optional[str] = None
+    job: str = "lightwatch"
+    all_ranks: bool = False
+    extra_metrics: Dict[str, str] = field(default_factory=dict)
+    every_n_steps: Optional[int] = None
+    prefix: str = "monitor"
+    push_timeout_seconds: float = 5.0
+
+
+@dataclass
+class PrometheusPushConf(PrometheusConf):
+    """:class:`PrometheusConf` with ``pushgateway`` required (the ``prometheus=push`` variant).
+
+    Example:
+        >>> PrometheusPushConf().pushgateway
+        '???'
+    """
+
+    mode: PrometheusMode = PrometheusMode.push
+    pushgateway: str = MISSING
 
 
 # ------------------------------------------------------------------------------------- component schemas
@@ -331,6 +437,73 @@ class RulesConf:
     prefix: str = "monitor"
     alert_cooldown_steps: int = 100
     name: Optional[str] = None
+
+
+class SliceRuleKind(Enum):
+    """Kind of a :class:`~lightwatch.callbacks.SliceMonitor` rule (``lightwatch.checks.slices.SLICE_RULE_KINDS``).
+
+    Example:
+        >>> SliceRuleKind("slice_gap").name
+        'slice_gap'
+    """
+
+    slice_gap = "slice_gap"
+    slice_regressed = "slice_regressed"
+
+
+@dataclass
+class SliceRuleConf:
+    """One :class:`~lightwatch.callbacks.SliceMonitor` rule; ``null`` keys keep the rule's defaults.
+
+    Example:
+        >>> SliceRuleConf(kind=SliceRuleKind.slice_gap).margin is None
+        True
+    """
+
+    kind: SliceRuleKind = MISSING
+    metric: Optional[str] = None
+    action: Optional[str] = None
+    severity: Optional[Severity] = None
+    consecutive: Optional[int] = None
+    warmup: Optional[int] = None
+    margin: Optional[float] = None
+    message: Optional[str] = None
+    hidden_only: Optional[bool] = None  # slice_regressed
+
+
+@dataclass
+class SlicesConf:
+    """Schema of :class:`~lightwatch.callbacks.SliceMonitor` (``monitor.slices``; off unless selected).
+
+    ``slice_by`` is a batch path (``group``, ``meta.site``, ``2``), ``dataloader``, a mapping with ``field``,
+    ``column``, ``names``/``num_values`` and ``name``, or a list of those (their cross). ``preds``, ``target`` and
+    ``outcome`` take batch paths or keys here; callables are for Python.
+
+    Example:
+        >>> SlicesConf().slice_by, SlicesConf().min_count
+        ('dataloader', 30)
+    """
+
+    _target_: str = "lightwatch.callbacks.SliceMonitor"
+    _convert_: str = "all"
+    slice_by: Any = "dataloader"
+    metrics: Optional[List[str]] = None
+    task: str = "multiclass"
+    num_classes: Optional[int] = None
+    preds: Any = None
+    target: Any = None
+    outcome: Any = None
+    rules: Dict[str, Optional[SliceRuleConf]] = field(default_factory=dict)
+    min_count: int = 30
+    bootstrap: int = 200
+    confidence: float = 0.95
+    rule_confidence: float = 0.99
+    max_values: int = 16
+    threshold: float = 0.5
+    seed: int = 0
+    every_n_steps: Optional[int] = None
+    prefix: str = "monitor"
+    alert_cooldown_steps: int = 0
 
 
 @dataclass
@@ -558,6 +731,10 @@ class MonitorConf:
         data_quality: :class:`DataQualityConf` or ``null``.
         rules: :class:`RulesConf` or ``null``.
         checkpoint: :class:`CheckpointConf` or ``null``.
+        slices: :class:`SlicesConf` or ``null`` (the default: the slice keys are the user's).
+        system: :class:`SystemConf` or ``null``.
+        watchdog: :class:`WatchdogConf` or ``null``.
+        prometheus: :class:`PrometheusConf` or ``null`` (the default: ports and gateways are the user's).
 
     Example:
         >>> MonitorConf().enabled, MonitorConf().lightning.name
@@ -575,3 +752,7 @@ class MonitorConf:
     data_quality: Any = None
     rules: Any = None
     checkpoint: Any = None
+    slices: Any = None
+    system: Any = None
+    watchdog: Any = None
+    prometheus: Any = None

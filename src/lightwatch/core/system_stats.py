@@ -1,0 +1,217 @@
+"""Readers of the run's health as a job: host step timing, process and device memory, GPU sensors.
+
+Everything here is host-side and cheap. :class:`StepClock` takes ``time.perf_counter`` stamps at the
+Lightning hooks (no tensor op, no device sync) and sums them over a logging interval; :class:`SystemReader`
+reads process RSS and CPU use (``psutil``), CUDA memory (``torch.cuda``, host-side counters, no sync) and,
+where ``nvidia-ml-py`` is installed, GPU utilisation, temperature and power. ``psutil`` and ``nvidia-ml-py``
+are the optional ``system`` extra: without them the values they give are simply absent, and
+:attr:`SystemReader.missing` says which package to install.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+__all__ = ["IntervalTiming", "StepClock", "SystemReader", "hostname"]
+
+
+def hostname() -> str:
+    """This machine's short host name (what a straggler alert names)."""
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+@dataclass
+class IntervalTiming:
+    """Step timing summed over one logging interval (host seconds).
+
+    Attributes:
+        steps: training steps measured in the interval.
+        data_wait: seconds between the end of one batch and the start of the next, summed.
+        compute: seconds from the start of a batch to its end, summed.
+        forward: seconds from the start of a batch to ``on_before_backward``, summed: the part of a step a
+            rank spends before DDP's gradient all-reduce makes it wait for the others.
+        slowest: the longest single step (data wait + compute).
+        samples: samples seen in the interval (0 where the batch size is unknown).
+        tokens: tokens seen (samples x sequence length where a sequence dimension is found), else 0.
+        wall: seconds from the end of the previous interval to the end of this one.
+        cpu: CPU seconds this process used over the same time (``time.process_time``; every thread, not the
+            loader's worker processes).
+
+    Example:
+        >>> t = IntervalTiming(steps=4, data_wait=1.0, compute=3.0, forward=1.0, slowest=1.2, wall=4.0)
+        >>> round(t.data_share, 2), t.step_time
+        (0.25, 1.0)
+    """
+
+    steps: int = 0
+    data_wait: float = 0.0
+    compute: float = 0.0
+    forward: float = 0.0
+    slowest: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    @property
+    def step_time(self) -> float:
+        """Mean seconds per step (data wait + compute)."""
+        return (self.data_wait + self.compute) / self.steps if self.steps else 0.0
+
+    @property
+    def data_share(self) -> float:
+        """Share of the step spent waiting for the next batch."""
+        total = self.data_wait + self.compute
+        return self.data_wait / total if total > 0 else 0.0
+
+    @property
+    def own_time(self) -> float:
+        """Mean seconds per step a rank spends before its first collective (data wait + forward)."""
+        return (self.data_wait + self.forward) / self.steps if self.steps else 0.0
+
+
+class StepClock:
+    """Host timestamps at the step hooks, summed per logging interval; no tensor op, no device sync.
+
+    ``data wait`` of batch *n* is ``start(n) - end(n - 1)``; it is not measured for the first batch of an
+    epoch or after validation (:meth:`pause`), where the gap holds the loader's start-up or the evaluation.
+
+    Example:
+        >>> clock = StepClock()
+        >>> for _ in range(3):
+        ...     clock.batch_start(); clock.before_backward(); clock.batch_end(samples=8)
+        >>> t = clock.take()
+        >>> t.steps, t.samples, t.data_wait >= 0
+        (3, 24, True)
+    """
+
+    def __init__(self) -> None:
+        self._now = time.perf_counter
+        self._start: Optional[float] = None
+        self._prev_end: Optional[float] = None
+        self._interval_start: Optional[float] = None
+        self._cpu_start: Optional[float] = None
+        self._forward_end: Optional[float] = None
+        self._wait = 0.0
+        self.current = IntervalTiming()
+
+    def pause(self) -> None:
+        """Forget the end of the last batch: the next gap is not a data wait (epoch start, validation)."""
+        self._prev_end = None
+
+    def batch_start(self) -> None:
+        now = self._now()
+        if self._interval_start is None:
+            self._interval_start, self._cpu_start = now, time.process_time()
+        self._wait = now - self._prev_end if self._prev_end is not None else 0.0
+        self._start = now
+        self._forward_end = None
+
+    def before_backward(self) -> None:
+        if self._start is not None and self._forward_end is None:
+            self._forward_end = self._now()
+
+    def batch_end(self, samples: int = 0, tokens: int = 0) -> None:
+        if self._start is None:
+            return
+        now = self._now()
+        compute = now - self._start
+        cur = self.current
+        cur.steps += 1
+        cur.data_wait += self._wait
+        cur.compute += compute
+        cur.forward += (self._forward_end if self._forward_end is not None else now) - self._start
+        cur.slowest = max(cur.slowest, self._wait + compute)
+        cur.samples += samples
+        cur.tokens += tokens
+        self._prev_end = now
+        self._start = None
+
+    def take(self) -> IntervalTiming:
+        """The interval's sums; the next interval starts now."""
+        done, self.current = self.current, IntervalTiming()
+        now, cpu = self._now(), time.process_time()
+        done.wall = now - self._interval_start if self._interval_start is not None else 0.0
+        done.cpu = cpu - self._cpu_start if self._cpu_start is not None else 0.0
+        self._interval_start, self._cpu_start = now, cpu
+        return done
+
+
+def _optional(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except Exception:  # not installed, or a broken install: the values it gives are left out
+        return None
+
+
+@dataclass
+class SystemReader:
+    """Reads process, host and device memory and sensors, at logged steps only.
+
+    Args:
+        device: the module's device; CUDA memory and NVML sensors are read for a CUDA device only.
+
+    Attributes:
+        missing: optional packages that would give more values (``psutil``, ``nvidia-ml-py``).
+
+    Example:
+        >>> reader = SystemReader(torch.device("cpu"))
+        >>> stats = reader.read()
+        >>> ("rss_bytes" in stats) == ("psutil" not in reader.missing)
+        True
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    missing: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._psutil = _optional("psutil")
+        self._process = self._psutil.Process(os.getpid()) if self._psutil is not None else None
+        if self._process is not None:
+            self._process.cpu_percent(None)  # the first call starts the measuring interval
+        else:
+            self.missing.append("psutil")
+        self._nvml: Any = None
+        self._nvml_handle: Any = None
+        if self.device.type == "cuda":
+            nvml = _optional("pynvml")
+            if nvml is None:
+                self.missing.append("nvidia-ml-py")
+            else:
+                try:
+                    nvml.nvmlInit()
+                    index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                    self._nvml, self._nvml_handle = nvml, nvml.nvmlDeviceGetHandleByIndex(index)
+                except Exception:  # no driver access (containers): sensors are left out
+                    self._nvml = None
+
+    def read(self) -> Dict[str, float]:
+        """``rss_bytes``, ``cpu_percent``, ``host_available_bytes``; on CUDA ``cuda_allocated_bytes``,
+        ``cuda_reserved_bytes``, ``cuda_peak_bytes``, ``device_total_bytes`` and, with NVML,
+        ``gpu_utilization_percent``, ``gpu_temperature_celsius``, ``gpu_power_watts``."""
+        out: Dict[str, float] = {}
+        if self._process is not None:
+            out["rss_bytes"] = float(self._process.memory_info().rss)
+            out["cpu_percent"] = float(self._process.cpu_percent(None))
+            out["host_available_bytes"] = float(self._psutil.virtual_memory().available)
+        if self.device.type == "cuda":
+            # host-side allocator counters: no device sync
+            out["cuda_allocated_bytes"] = float(torch.cuda.memory_allocated(self.device))
+            out["cuda_reserved_bytes"] = float(torch.cuda.memory_reserved(self.device))
+            out["cuda_peak_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+            out["device_total_bytes"] = float(torch.cuda.get_device_properties(self.device).total_memory)
+            if self._nvml is not None:
+                try:
+                    nvml, handle = self._nvml, self._nvml_handle
+                    out["gpu_utilization_percent"] = float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+                    out["gpu_temperature_celsius"] = float(nvml.nvmlDeviceGetTemperature(handle, 0))
+                    out["gpu_power_watts"] = float(nvml.nvmlDeviceGetPowerUsage(handle)) / 1000.0
+                except Exception:  # a sensor the card does not report
+                    pass
+        return out
