@@ -22,6 +22,7 @@ _EXPORTS: Dict[str, Tuple[str, str]] = {
     "PrometheusExporter": ("lightwatch.callbacks", "PrometheusExporter"),
     "Alert": ("lightwatch.core.alerts", "Alert"),
     "MonitorError": ("lightwatch.core.alerts", "MonitorError"),
+    "CheckpointIntegrityError": ("lightwatch.core.checkpoint", "CheckpointIntegrityError"),
     "alert_log": ("lightwatch.core.alerts", "alert_log"),
     "register_action": ("lightwatch.core.actions", "register_action"),
     "instantiate_monitors": ("lightwatch.hydra", "instantiate_monitors"),
@@ -31,10 +32,11 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightwatch.callbacks import (ActivationStatsMonitor, DataQualityMonitor, GradientStatsMonitor,
-                                      MetricCheckpoint, MetricMonitor, SliceMonitor)
-    from lightwatch.callbacks import HangWatchdog, PrometheusExporter, SystemMonitor
+                                      HangWatchdog, MetricCheckpoint, MetricMonitor, PrometheusExporter,
+                                      SliceMonitor, SystemMonitor)
     from lightwatch.core.actions import register_action
     from lightwatch.core.alerts import Alert, MonitorError, alert_log
+    from lightwatch.core.checkpoint import CheckpointIntegrityError
     from lightwatch.hydra import instantiate_monitors
 
 
