@@ -40,7 +40,8 @@ class Leaky(Classifier):
 
 
 class Slowing(Classifier):
-    """From step ``slow_from``: ``work`` takes the loss over the batch repeated 64 times (more work a step);
+    """From step ``slow_from``: ``work`` takes the loss over the batch repeated 256 times (more work a step, tens
+    of milliseconds: a slowdown of a few is below the rule's floor);
     ``sleep`` sleeps 20 ms a step (the process waits, as on a machine other jobs took over)."""
 
     slow_from: Any = None
@@ -51,7 +52,7 @@ class Slowing(Classifier):
             if self.how == "sleep":
                 time.sleep(0.02)
             else:
-                batch = (torch.cat([batch[0]] * 64), torch.cat([batch[1]] * 64))
+                batch = (torch.cat([batch[0]] * 256), torch.cat([batch[1]] * 256))
         return super().training_step(batch, batch_idx)
 
 

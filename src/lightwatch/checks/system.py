@@ -185,6 +185,9 @@ class StepTimeRegressionCheck:
         patience: logged intervals in a row.
         warmup_readings: logged intervals skipped at the start (compilation, caches, loader start-up).
         baseline_readings: intervals whose median is the baseline.
+        min_extra_seconds: and the step at least this many seconds slower: on millisecond steps a doubling
+            is a few milliseconds of noise from anything (the loop's own work, a denormal, the allocator), and
+            costs nothing a user should act on.
 
     Example:
         >>> check = StepTimeRegressionCheck(warmup_readings=1, baseline_readings=2, patience=2)
@@ -196,8 +199,9 @@ class StepTimeRegressionCheck:
     """
 
     def __init__(self, factor: float = 2.0, patience: int = 3, warmup_readings: int = 2,
-                 baseline_readings: int = 5) -> None:
+                 baseline_readings: int = 5, min_extra_seconds: float = 0.01) -> None:
         self.factor, self.patience = float(factor), int(patience)
+        self.min_extra_seconds = float(min_extra_seconds)
         self.warmup_readings, self.baseline_readings = int(warmup_readings), int(baseline_readings)
         self.seen = 0
         self.early: List[Tuple[float, float]] = []
@@ -218,7 +222,8 @@ class StepTimeRegressionCheck:
                 self.baseline_cpu = statistics.median(cpus) if len(cpus) == len(self.early) else None
             return None
         ratio = step_time / self.baseline
-        self.streak = self.streak + 1 if ratio >= self.factor else 0
+        slower = ratio >= self.factor and step_time - self.baseline >= self.min_extra_seconds
+        self.streak = self.streak + 1 if slower else 0
         if self.streak != self.patience:
             return None
         waiting = False
