@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean calibration docs
+.PHONY: demo test bench reliability venv clean calibration docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The demo run gets a directory of its own (an earlier demo's event files would mix into its curves), then
+# `lightwatch report` reads it back: the verdict and tables here, the plots in one HTML file.
+DEMO_DIR := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) examples/train.py
+	OMP_NUM_THREADS=1 $(PY) examples/train.py hydra.run.dir=$(DEMO_DIR)
+	@echo
+	OMP_NUM_THREADS=1 $(PY) -m lightwatch report $(DEMO_DIR) --html $(DEMO_DIR)/report.html --color never
+	@echo "Open the HTML report:  xdg-open $(DEMO_DIR)/report.html   (macOS: open $(DEMO_DIR)/report.html)"
 
 # The tests, then the public-API tests again under `import lightning as L`: with LIGHTWATCH_TEST_LIGHTNING=lightning
 # every `pytorch_lightning` import in the tests is `lightning.pytorch` (tests/conftest.py), and lightwatch's
@@ -47,8 +54,21 @@ $(DOCS_STAMP): $(STAMP)
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
+# `make bench`: bare training against monitor=default, monitor=strict, each default callback alone, Lightning's
+# grad_norm recipe and wandb.watch (offline; the `bench` extra), on the four workloads of bench/workloads.py at
+# intervals 10 and 50, with the time inside lightwatch per hook and the peak extra memory. Short by default
+# (2 rounds of 50 measured steps); the full run on a quiet machine: make bench BENCH_ARGS="--rounds 5 --measured 100".
+BENCH_ARGS ?=
 bench: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) bench/overhead.py
+	$(PY) -c "import wandb" 2>/dev/null || $(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[dev,examples,bench]"
+	OMP_NUM_THREADS=1 $(PY) bench/policy_overhead.py --markdown outputs/policy_overhead.md \
+		--json outputs/policy_overhead.json $(BENCH_ARGS)
+
+# The reliability suite (crash, full disk, tampering, rank faults, bad input, a long run): about 30 minutes on two
+# cores; the full-disk rows need root for a tmpfs mount. Parts: make reliability REL_ARGS="--part crash --trials 20"
+REL_ARGS ?=
+reliability: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m bench.reliability $(REL_ARGS)
 
 # The calibration corpus (healthy runs of third-party model families, to count false alarms) runs in its own
 # venv: torchvision/timm next to the CPU torch need bench/calibration/torchvision_compat.py, and would break

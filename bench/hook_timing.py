@@ -2,12 +2,12 @@
 
 Whole-run ratios on a shared machine carry about +-10% of noise; the time lightwatch's own code takes is
 stable. This benchmark trains a workload under a Hydra policy (``monitor=default`` unless told otherwise)
-and wraps every Lightning hook each of the policy's callbacks overrides, and every forward hook lightwatch
-registers on the model, with a ``time.perf_counter`` timer. It prints, per callback and hook, the time per
-unsampled step (microseconds, averaged over all unsampled steps) and per sampled step (milliseconds), the
-fit-start cost (``setup`` + ``on_fit_start`` + the first step), and the bare step time of the same run's
-unsampled steps for scale. Measured with one thread (``OMP_NUM_THREADS=1``), synthetic data, no logger I/O
-beyond TensorBoard's.
+and wraps every Lightning hook each of the policy's callbacks overrides, and every model hook lightwatch
+registers (forward hooks, forward pre-hooks, tensor hooks), with a ``time.perf_counter`` timer. It prints,
+per callback and hook, the time per unsampled step (microseconds, averaged over all unsampled steps) and
+per sampled step (milliseconds), the fit-start cost (``setup`` + ``on_fit_start`` + the first step), and
+the bare step time of the same run's unsampled steps for scale. Measured with one thread
+(``OMP_NUM_THREADS=1``), synthetic data, no logger I/O beyond TensorBoard's.
 
     OMP_NUM_THREADS=1 python bench/hook_timing.py                               # mlp, transformer, cnn at 10, 50
     OMP_NUM_THREADS=1 python bench/hook_timing.py --workloads mlp --intervals 50 --steps 300 --policy strict
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import os
 import platform
@@ -27,14 +28,14 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, DefaultDict, Dict, List, Set, Tuple
+from typing import Any, Callable, DefaultDict, Dict, Iterator, List, Set, Tuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workloads import WORKLOADS, make  # noqa: E402
+from workloads import WORKLOADS, describe, make  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -42,23 +43,39 @@ Key = Tuple[str, str]  # (callback, hook)
 
 
 class HookClock:
-    """Accumulates the time of every wrapped call, per (callback, hook) and per training step."""
+    """Accumulates the time of every wrapped call, per (callback, hook) and per training step.
 
-    def __init__(self) -> None:
+    ``timer`` is ``time.perf_counter`` (wall time) unless told otherwise, e.g. ``time.thread_time`` (CPU time
+    of the thread: not inflated when a shared machine preempts the process, but a system call, ~2 us here).
+    The timer's own cost, the median of two back-to-back readings, is subtracted from every timed call."""
+
+    def __init__(self, timer: Callable[[], float] = time.perf_counter) -> None:
+        self.timer = timer
+        self.overhead = _timer_overhead(timer)
         self.step = -1  # -1: before the first training batch (setup, fit start)
         self.per_step: DefaultDict[int, DefaultDict[Key, float]] = collections.defaultdict(
             lambda: collections.defaultdict(float))
         self.sampled: Set[int] = set()
 
     def timed(self, key: Key, fn: Callable[..., Any]) -> Callable[..., Any]:
+        timer, overhead = self.timer, self.overhead
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start = timer()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.per_step[self.step][key] += time.perf_counter() - start
+                self.per_step[self.step][key] += timer() - start - overhead
         return wrapper
+
+
+def _timer_overhead(timer: Callable[[], float], samples: int = 2001) -> float:
+    gaps = []
+    for _ in range(samples):
+        start = timer()
+        gaps.append(timer() - start)
+    return sorted(gaps)[samples // 2]
 
 
 def _overridden_hooks(callback: pl.Callback) -> List[str]:
@@ -97,20 +114,75 @@ def policy_callbacks(policy: str, interval: int) -> List[pl.Callback]:
     return instantiate_monitors(cfg.monitor)
 
 
-def run(workload: str, interval: int, steps: int, policy: str) -> Dict[str, Any]:
-    clock = HookClock()
-    callbacks = policy_callbacks(policy, interval)
+def instrument(clock: HookClock, callbacks: List[pl.Callback]) -> None:
+    """Wrap every Lightning hook each callback overrides with ``clock``'s timer, keyed by (class, hook)."""
     for cb in callbacks:
         for name in _overridden_hooks(cb):
             setattr(cb, name, clock.timed((type(cb).__name__, name), getattr(cb, name)))
+
+
+def _hook_owner(hook: Callable[..., Any]) -> str:
+    """The lightwatch class a hook belongs to (its bound object, or the class its closure was made in)."""
+    fn = getattr(hook, "func", hook)  # a functools.partial
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        return type(owner).__name__
+    # the classes of lightwatch.callbacks are private (`_ActivationStatsMonitor`), bound to Lightning under
+    # their public names
+    return getattr(fn, "__qualname__", "lightwatch").split(".")[0].lstrip("_")
+
+
+def _is_lightwatch(hook: Callable[..., Any]) -> bool:
+    return str(getattr(getattr(hook, "func", hook), "__module__", "")).startswith("lightwatch")
+
+
+@contextlib.contextmanager
+def timed_model_hooks(clock: HookClock) -> Iterator[None]:
+    """While open, every forward hook, forward pre-hook and tensor (gradient) hook lightwatch registers is
+    wrapped with ``clock``'s timer, keyed by (owning class, "forward hooks" | "forward pre-hooks" | "tensor hooks").
+    """
+    patched = [(torch.nn.Module, "register_forward_hook", "forward hooks"),
+               (torch.nn.Module, "register_forward_pre_hook", "forward pre-hooks"),
+               (torch.Tensor, "register_hook", "tensor hooks")]
+    originals = [getattr(owner, name) for owner, name, _ in patched]
+
+    def wrapping(original: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def register(target: Any, hook: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            if _is_lightwatch(hook):
+                hook = clock.timed((_hook_owner(hook), label), hook)
+            return original(target, hook, *args, **kwargs)
+        return register
+
+    for (owner, name, label), original in zip(patched, originals):
+        setattr(owner, name, wrapping(original, label))
+    try:
+        yield
+    finally:
+        for (owner, name, _), original in zip(patched, originals):
+            setattr(owner, name, original)
+
+
+def hook_rows(clock: HookClock, unsampled: List[int], sampled: List[int]) -> List[Tuple[str, str, float, float]]:
+    """``(callback, hook, us per unsampled step, ms per sampled step)``, averaged over the given steps."""
+    keys = sorted({k for per in clock.per_step.values() for k in per})
+    rows = []
+    for key in keys:
+        un = sum(clock.per_step[s].get(key, 0.0) for s in unsampled) / max(len(unsampled), 1)
+        sa = sum(clock.per_step[s].get(key, 0.0) for s in sampled) / max(len(sampled), 1)
+        rows.append((key[0], key[1], un * 1e6, sa * 1e3))
+    return rows
+
+
+def fit_start_seconds(clock: HookClock) -> float:
+    """Time inside the wrapped hooks before the first training batch and during step 0."""
+    return sum(clock.per_step[-1].values()) + sum(clock.per_step[0].values())
+
+
+def run(workload: str, interval: int, steps: int, policy: str) -> Dict[str, Any]:
+    clock = HookClock()
+    callbacks = policy_callbacks(policy, interval)
+    instrument(clock, callbacks)
     marker = StepMarker(clock, callbacks)
-    original = torch.nn.Module.register_forward_hook
-
-    def register(module: torch.nn.Module, hook: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if getattr(hook, "__module__", "").startswith("lightwatch"):
-            hook = clock.timed(("ActivationStatsMonitor", "forward hooks"), hook)
-        return original(module, hook, *args, **kwargs)
-
     factory, loader = make(workload, steps)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
@@ -118,13 +190,9 @@ def run(workload: str, interval: int, steps: int, policy: str) -> Dict[str, Any]
             logger=pl.loggers.TensorBoardLogger(tmp, name="tb"), enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             accelerator="cpu", devices=1)
-        torch.nn.Module.register_forward_hook = register  # type: ignore[method-assign]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                trainer.fit(factory(), loader)
-        finally:
-            torch.nn.Module.register_forward_hook = original  # type: ignore[method-assign]
+        with timed_model_hooks(clock), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(factory(), loader)
     return {"clock": clock, "durations": marker.durations, "steps": steps}
 
 
@@ -133,19 +201,13 @@ def summarise(result: Dict[str, Any]) -> Tuple[List[Tuple[str, str, float, float
     trained = [s for s in result["durations"] if s >= 1]  # step 0 is part of the fit-start cost
     sampled = [s for s in trained if s in clock.sampled]
     unsampled = [s for s in trained if s not in clock.sampled]
-    keys = sorted({k for per in clock.per_step.values() for k in per})
-    rows = []
-    for key in keys:
-        un = sum(clock.per_step[s].get(key, 0.0) for s in unsampled) / max(len(unsampled), 1)
-        sa = sum(clock.per_step[s].get(key, 0.0) for s in sampled) / max(len(sampled), 1)
-        rows.append((key[0], key[1], un * 1e6, sa * 1e3))
+    rows = hook_rows(clock, unsampled, sampled)
     bare = sorted(result["durations"][s] for s in unsampled)
     median_step = bare[len(bare) // 2] if bare else float("nan")
     inside_un = sum(r[2] for r in rows) * 1e-6
-    fit_start = sum(clock.per_step[-1].values()) + sum(clock.per_step[0].values())
     totals = {"step_ms": median_step * 1e3, "unsampled_us": inside_un * 1e6,
               "unsampled_share": inside_un / median_step if bare else float("nan"),
-              "sampled_ms": sum(r[3] for r in rows), "fit_start_ms": fit_start * 1e3,
+              "sampled_ms": sum(r[3] for r in rows), "fit_start_ms": fit_start_seconds(clock) * 1e3,
               "sampled_steps": float(len(sampled)), "unsampled_steps": float(len(unsampled))}
     return rows, totals
 
@@ -168,7 +230,7 @@ def main() -> None:
     for workload in args.workloads.split(","):
         for interval in (int(i) for i in args.intervals.split(",")):
             rows, totals = summarise(run(workload, interval, args.steps, args.policy))
-            lines += [f"## {workload} ({WORKLOADS[workload]}), interval {interval}", "",
+            lines += [f"## {workload} ({describe(workload)}), interval {interval}", "",
                       f"Bare step (median of unsampled steps, monitors included) {totals['step_ms']:.2f} ms; inside "
                       f"lightwatch per unsampled step {totals['unsampled_us']:.0f} us "
                       f"({100 * totals['unsampled_share']:.2f}% of the step), per sampled step "

@@ -56,6 +56,28 @@ def deep_mlp(depth: int = 32, width: int = 256) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class ResidualStack(nn.Module):
+    """``blocks`` residual blocks ``x + Linear(GELU(LayerNorm(Linear(x))))``: many small modules, little work each."""
+
+    def __init__(self, blocks: int = 128, width: int = 64, inputs: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Linear(inputs, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, width))
+            for _ in range(blocks))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def tiny_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
 def _loader(x: torch.Tensor, y: torch.Tensor, batch: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False, drop_last=True)
 
@@ -75,11 +97,30 @@ def make(name: str, steps: int) -> Tuple[Callable[[], pl.LightningModule], DataL
         batch = 64
         x, y = torch.randn(steps * batch, 64, generator=g), torch.randint(0, 10, (steps * batch,), generator=g)
         return (lambda: Task(deep_mlp())), _loader(x, y, batch)
-    raise ValueError(f"unknown workload {name!r}; use one of cnn, transformer, mlp")
+    if name == "many_modules":
+        batch = 32
+        x, y = torch.randn(steps * batch, 64, generator=g), torch.randint(0, 10, (steps * batch,), generator=g)
+        return (lambda: Task(ResidualStack())), _loader(x, y, batch)
+    if name == "tiny":
+        batch = 8
+        x, y = torch.randn(steps * batch, 16, generator=g), torch.randint(0, 10, (steps * batch,), generator=g)
+        return (lambda: Task(tiny_mlp())), _loader(x, y, batch)
+    raise ValueError(f"unknown workload {name!r}; use one of {', '.join(list(WORKLOADS) + list(SMOKE_WORKLOADS))}")
 
 
 WORKLOADS: Dict[str, str] = {
     "cnn": "(a) small CNN, CIFAR-size batch of 32",
     "transformer": "(b) tiny transformer, 4 layers, d=128, seq 64, batch 16",
     "mlp": "(c) deep MLP, 32 x [Linear 256, LayerNorm, ReLU], batch 64",
+    "many_modules": "(d) 128 residual blocks [Linear 64, LayerNorm, GELU, Linear 64], 514 leaf modules, batch 32",
 }
+"""The reference workloads, by name: what the benchmarks run unless told otherwise."""
+
+SMOKE_WORKLOADS: Dict[str, str] = {
+    "tiny": "tiny MLP [Linear 32, ReLU, Linear 10], batch 8 (smoke tests of the benchmarks, not a reference)",
+}
+
+
+def describe(name: str) -> str:
+    """The one-line description of a workload, reference or smoke."""
+    return {**WORKLOADS, **SMOKE_WORKLOADS}[name]

@@ -1,0 +1,51 @@
+"""The policy benchmark (bench/policy_overhead.py) runs end to end: a tiny workload, a few steps, one round."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def test_policy_overhead_reports_every_variant_and_hook(tmp_path):
+    sys.path.insert(0, BENCH)
+    try:
+        import policy_overhead
+    finally:
+        sys.path.remove(BENCH)
+    out, table = tmp_path / "policy.json", tmp_path / "policy.md"
+    policy_overhead.main(["--workloads", "tiny", "--intervals", "2", "--warmup", "2", "--measured", "2",
+                          "--rounds", "1", "--no-warmup-round", "--no-memory", "--json", str(out),
+                          "--markdown", str(table)])
+    report = json.loads(out.read_text())
+
+    # one variant per callback instantiate_monitors builds for monitor=default, whichever they are
+    singles = ["default:" + name for name in policy_overhead.default_callback_names()]
+    assert {"GradientStatsMonitor", "ActivationStatsMonitor", "DataQualityMonitor", "MetricMonitor"} <= {
+        s.split(":")[1] for s in singles}
+    expected = ["bare", "monitor=default", "monitor=strict", *singles, "lightning grad_norm"]
+    if importlib.util.find_spec("wandb") is not None:
+        expected.append("wandb.watch")
+    assert report["variants"] == expected
+    records = {r["variant"]: r for r in report["records"]}
+    assert sorted(records) == sorted(expected)
+    for record in records.values():
+        assert record["workload"] == "tiny" and record["interval"] == 2 and record["rounds"] == 1
+        assert record["bare_step_ms"] > 0 and record["fit_start_s"] > 0
+        assert isinstance(record["ratio_median"], float)
+
+    default = records["monitor=default"]
+    assert default["sampled_steps_per_run"] == 1  # steps 2, 3: step 2 is sampled at interval 2
+    assert {h["callback"] for h in default["hooks"]} >= {s.split(":")[1] for s in singles}
+    for hook in default["hooks"]:
+        assert set(hook) == {"callback", "hook", "unsampled_us", "sampled_ms"}
+    hooks = {(h["callback"], h["hook"]) for h in default["hooks"]}
+    assert ("DataQualityMonitor", "on_train_batch_start") in hooks
+    assert ("ActivationStatsMonitor", "forward hooks") in hooks
+    assert default["sampled_inside_ms"] > 0 and default["unsampled_inside_us"] > 0
+    assert not records["lightning grad_norm"]["hooks"]  # nothing of lightwatch's runs there
+
+    text = table.read_text()
+    assert "| variant | ratio (median) | IQR |" in text and 'Per hook, monitor=default, tiny, interval 2"' in text
