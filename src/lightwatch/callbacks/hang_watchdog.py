@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from lightwatch.core.alerts import Alert, alert_log
 from lightwatch.core.lightning import bind, default_package
@@ -102,7 +102,9 @@ class _HangWatchdog:
         self.writer = MonitorWriter(prefix)
         self.prefix = self.writer.prefix
         self.phase = "idle"
-        self.where = "not started"
+        # where the rank is, as a format and its arguments: formatted only when read (a hang, a test), not twice
+        # a step
+        self._where: Tuple[str, Tuple[Any, ...]] = ("not started", ())
         self.last_progress = time.monotonic()
         self.slowest: Dict[str, float] = {"training": 0.0, "validation": 0.0}
         self.fired = 0
@@ -138,11 +140,17 @@ class _HangWatchdog:
             return max(self.step_floor_seconds or 0.0, (self.step_factor or 0.0) * self.slowest[phase])
         return None
 
-    def _progress(self, phase: str, where: str) -> None:
+    @property
+    def where(self) -> str:
+        """Where this rank was last seen (the last progress, or the step it entered)."""
+        text, args = self._where
+        return text.format(*args) if args else text
+
+    def _progress(self, phase: str, where: str, *args: Any) -> None:
         now = time.monotonic()
         if phase == self.phase and phase in self.slowest:
             self.slowest[phase] = max(self.slowest[phase], now - self.last_progress)
-        self.last_progress, self.phase, self.where, self._armed = now, phase, where, True
+        self.last_progress, self.phase, self._where, self._armed = now, phase, (where, args), True
 
     # ----------------------------------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -155,11 +163,12 @@ class _HangWatchdog:
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # entering a step is no progress of its own: the time since the last completed step keeps counting
-        self.where = f"training step {logging_step(trainer)} (batch {batch_idx} of epoch {trainer.current_epoch})"
+        self._where = ("training step {} (batch {} of epoch {})",
+                       (logging_step(trainer), batch_idx, trainer.current_epoch))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # the first step (compilation) comes out of the start-up phase: it does not set the step deadline
-        self._progress("training", f"after training step {logging_step(trainer)} (batch {batch_idx})")
+        self._progress("training", "after training step {} (batch {})", logging_step(trainer), batch_idx)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self.phase != "startup":
@@ -168,14 +177,14 @@ class _HangWatchdog:
     def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
         if self.phase != "startup":
-            self._progress("validation", f"after validation batch {batch_idx}")
+            self._progress("validation", "after validation batch {}", batch_idx)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.phase != "startup":
             self._progress("training", "end of validation")
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
-        self._progress("checkpoint", f"checkpoint write at step {logging_step(trainer)}")
+        self._progress("checkpoint", "checkpoint write at step {}", logging_step(trainer))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.stop()
