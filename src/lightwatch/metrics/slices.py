@@ -37,12 +37,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torchmetrics import Metric
 
-__all__ = ["SLICE_METRICS", "SliceMetrics", "SliceResult", "interval_at", "wilson_interval"]
+__all__ = ["SLICE_METRICS", "SliceMetrics", "SliceResult", "interval_at", "sum_over_ranks", "wilson_interval"]
 
 #: metric name -> (higher is better, is a rate with a Wilson interval, tasks it applies to)
 SLICE_METRICS: Dict[str, Tuple[bool, bool, Tuple[str, ...]]] = {
@@ -134,6 +134,27 @@ def interval_at(result: SliceResult, metric: str, confidence: float) -> Tuple[to
     return values - z * se, values + z * se, overall - z * ose, overall + z * ose
 
 
+def sum_over_ranks(tensor: torch.Tensor, group: Optional[Any] = None) -> List[torch.Tensor]:
+    """The transport of :class:`SliceMetrics`' sync: one SUM all-reduce of the state, returned as a one-element
+    list for torchmetrics to apply its ``dist_reduce_fx`` (``sum``) to.
+
+    torchmetrics' default transport gathers every rank's tensor (a barrier, an all-gather of the shapes, one of the
+    data) because states may differ in shape across ranks; the slice table has the same fixed shape on every rank,
+    so one all-reduce carries the same sum: one collective per evaluation.
+
+    Example:
+        >>> import torch
+        >>> sum_over_ranks(torch.ones(2))  # one process: the tensor itself
+        [tensor([1., 1.])]
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return [tensor]
+
+
 class SliceMetrics(Metric):
     """Per-slice metrics with intervals, in one summed state tensor (see the module docstring).
 
@@ -165,6 +186,7 @@ class SliceMetrics(Metric):
     def __init__(self, num_slices: int, metrics: Sequence[str] = ("acc",), task: str = "multiclass",
                  num_classes: Optional[int] = None, threshold: float = 0.5, bootstrap: int = 200,
                  confidence: Union[float, Sequence[float]] = 0.95, seed: int = 0, **kwargs: object) -> None:
+        kwargs.setdefault("dist_sync_fn", sum_over_ranks)
         super().__init__(**kwargs)  # type: ignore[arg-type]
         where = "SliceMetrics"
         if task not in _TASKS:
