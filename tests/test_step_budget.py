@@ -129,3 +129,8 @@ def test_full_default_policy_makes_no_collective_on_unsampled_steps(tmp_path: An
         unsampled = {s: v for s, v in per_step.items() if s >= 0 and s not in sampled}
         assert not unsampled, f"rank {rank}: collectives on unsampled steps {unsampled}"
         assert any(per_step.get(s) for s in sampled), per_step  # the counting is live
+    # the healthy twin of the straggler fault (tests/test_hang_watchdog.py): two equal ranks, nothing to act on
+    from conftest import read_alerts
+
+    loud = [a for a in read_alerts(str(tmp_path)) if a["severity"] != "info"]
+    assert not loud, loud
