@@ -257,3 +257,55 @@ def test_a_committed_file_left_under_a_name_its_record_moved_from_is_not_refused
     trainer = make_trainer(tmp_path, [checkpointing(tmp_path)], max_steps=12, enable_checkpointing=True)
     trainer.fit(Classifier(), make_loader(), ckpt_path=os.path.join(directory, "last.ckpt"))
     assert trainer.global_step == 12
+
+
+@pytest.fixture(scope="module")
+def fitted_model_checkpoint(tmp_path_factory: Any) -> str:
+    """The same run with Lightning's ModelCheckpoint (top-2, last, every 2 steps), for the side-by-side row."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    root = tmp_path_factory.mktemp("fitted_mc")
+    pl.seed_everything(0, verbose=False)
+    ck = ModelCheckpoint(dirpath=str(root / "ck"), monitor="train/loss", save_last=True, save_top_k=2,
+                         every_n_train_steps=2)
+    trainer = make_trainer(root, [ck], max_steps=8, enable_checkpointing=True, limit_val_batches=2,
+                           num_sanity_val_steps=0)
+    trainer.fit(Classifier(), make_loader(), make_loader(seed=1))
+    return str(root)
+
+
+def _older_lightning_checkpoint(path: str) -> None:
+    directory = os.path.dirname(path)
+    older = sorted(f for f in os.listdir(directory) if f.endswith(".ckpt") and f != "last.ckpt")[0]
+    shutil.copyfile(os.path.join(directory, older), path)
+
+
+# What Lightning's ModelCheckpoint does with the same damage at resume (it records no hashes): a damaged file that
+# still unpickles resumes silently from wrong weights or the wrong step; the others fail inside torch or fsspec.
+MODEL_CHECKPOINT_OUTCOMES = {
+    "truncated": "error",
+    "bit_flipped": "resumed silently",
+    "deleted": "error",
+    "replaced_by_an_older_checkpoint": "resumed silently",
+    "replaced_by_a_pickle_that_runs_code": "error",  # torch.load(weights_only=True) refuses it: nothing runs
+}
+
+
+@pytest.mark.parametrize("kind", list(TAMPERINGS))
+def test_model_checkpoint_side_by_side(fitted_model_checkpoint: str, tmp_path: Any, kind: str) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    shutil.copytree(fitted_model_checkpoint, str(tmp_path), dirs_exist_ok=True)
+    last = str(tmp_path / "ck" / "last.ckpt")
+    (_older_lightning_checkpoint if kind == "replaced_by_an_older_checkpoint" else TAMPERINGS[kind])(last)
+    ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), monitor="train/loss", save_last=True, save_top_k=2,
+                         every_n_train_steps=2)
+    trainer = make_trainer(tmp_path, [ck], max_steps=12, enable_checkpointing=True, limit_val_batches=2,
+                           num_sanity_val_steps=0)
+    try:
+        trainer.fit(Classifier(), make_loader(), make_loader(seed=1), ckpt_path=last)
+        outcome = "resumed silently"
+    except Exception:  # noqa: BLE001 - whatever torch, fsspec or Lightning raise
+        outcome = "error"
+    assert outcome == MODEL_CHECKPOINT_OUTCOMES[kind]
+    assert not os.path.exists(last + ".pwned")
