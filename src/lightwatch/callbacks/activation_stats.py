@@ -12,6 +12,7 @@ from lightwatch.checks.activation import (DeadUnitsCheck, GrowthCheck, LayerRead
                                          probability_rows, saturation_mask, selective_rows, unnormalised_rows)
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
+from lightwatch.core.gc_pause import gc_paused
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row, histogram_row, strided_sample
 from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.readback import HostReadback
@@ -453,7 +454,8 @@ class _ActivationStatsMonitor(MonitorCallback):
             self._detach()
         if self._sums.rows is None:
             return
-        packed, order, hist_mask = self._sums.pack(self._agreed_units(self._sums.rows.device), self._with_units)
+        with gc_paused():
+            packed, order, hist_mask = self._sums.pack(self._agreed_units(self._sums.rows.device), self._with_units)
         if self._output_shares is not None:
             self._check_output(trainer, pl_module)
         self._readback.submit(packed, (logging_step(trainer), order, hist_mask))
@@ -488,8 +490,9 @@ class _ActivationStatsMonitor(MonitorCallback):
 
     # --------------------------------------------------------------------------- host side
     def _publish(self, trainer: Any, pl_module: Any) -> None:
-        for values, (step, order, hist_mask) in self._readback.collect():
-            self._write(trainer, pl_module, values, step, order, hist_mask)
+        with gc_paused():  # a few objects per module and scalar: see lightwatch.core.gc_pause
+            for values, (step, order, hist_mask) in self._readback.collect():
+                self._write(trainer, pl_module, values, step, order, hist_mask)
 
     def _write(self, trainer: Any, pl_module: Any, values: List[float], step: int, order: List[int],
                hist_mask: List[bool]) -> None:

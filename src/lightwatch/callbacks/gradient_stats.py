@@ -13,6 +13,7 @@ from lightwatch.checks.structure import ModelStructure, batchnorm_mode_finding, 
 from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
+from lightwatch.core.gc_pause import gc_paused
 from lightwatch.core.gradient_reader import GradientReader, WeightSnapshot, fused_norms, group_stats, ring_summary
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row
 from lightwatch.core.readback import HostReadback
@@ -229,10 +230,12 @@ class _GradientStatsMonitor(MonitorCallback):
         if self._stepped is None:
             held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group.get("params", ())}
             self._stepped = [id(p) in held for p in self._params] if held else [True] * len(self._params)
-        self._grad_stats = self._reader.gradient_rows()
-        self._grad_hist = self._reader.histogram_rows(p.grad for p in self._params) if self.histogram_step else None
-        if self.track_update_ratio:
-            self._snapshot.take(self._params)
+        with gc_paused():
+            self._grad_stats = self._reader.gradient_rows()
+            self._grad_hist = (self._reader.histogram_rows(p.grad for p in self._params) if self.histogram_step
+                               else None)
+            if self.track_update_ratio:
+                self._snapshot.take(self._params)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
@@ -265,7 +268,8 @@ class _GradientStatsMonitor(MonitorCallback):
             self._check_stale(trainer, pl_module)
         if not self.sampled or self._grad_stats is None or self._stats_step != logging_step(trainer):
             return
-        packed = self._pack()
+        with gc_paused():
+            packed = self._pack()
         self._readback.submit(packed, logging_step(trainer))
         if not HostReadback.deferred(packed):
             self._publish(trainer, pl_module)
@@ -294,8 +298,9 @@ class _GradientStatsMonitor(MonitorCallback):
 
     # --------------------------------------------------------------------------- host side
     def _publish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        for values, step in self._readback.collect():
-            self._write(trainer, pl_module, values, step)
+        with gc_paused():  # a few objects per parameter and scalar: see lightwatch.core.gc_pause
+            for values, step in self._readback.collect():
+                self._write(trainer, pl_module, values, step)
 
     def _write(self, trainer: Any, pl_module: Any, values: List[float], step: int) -> None:
         n = len(self._params)
