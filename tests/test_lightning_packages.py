@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -32,7 +32,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(tmp_path: Any, package: str, strategy: str) -> Dict[str, Any]:
+# A ddp_spawn worker whose work is done can still abort as it exits: nothing destroys the gloo process group in a
+# spawned worker (Lightning's atexit hook does not run there), and tearing gloo down as the process ends can
+# call std::terminate. It happens after the fit finished, outside any callback; such a run is tried once more.
+_SPAWN_EXIT_ABORT = "terminate called without an active exception"
+
+
+def run_script(tmp_path: Any, package: str, strategy: str, attempts: int = 2) -> Dict[str, Any]:
+    for attempt in range(attempts):
+        directory = tmp_path if attempt == 0 else tmp_path / f"retry{attempt}"  # a fresh run, not a resumed one
+        os.makedirs(directory, exist_ok=True)
+        returncode, stderr = _run_script_once(directory, package, strategy)
+        if returncode == 0:
+            break
+        exit_abort = strategy == "ddp_spawn" and _SPAWN_EXIT_ABORT in stderr and "`Trainer.fit` stopped" in stderr
+        if not exit_abort or attempt == attempts - 1:
+            break
+    assert returncode == 0, stderr[-3000:]
+    with open(os.path.join(directory, "report.json")) as fh:
+        return json.load(fh)
+
+
+def _run_script_once(tmp_path: Any, package: str, strategy: str) -> Tuple[int, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"),
                                                                            os.environ.get("PYTHONPATH", "")]))
     script = os.path.join(SCRIPTS, "strategies.py")
@@ -50,9 +71,7 @@ def run_script(tmp_path: Any, package: str, strategy: str) -> Dict[str, Any]:
         os.killpg(proc.pid, signal.SIGKILL)
         _, stderr = proc.communicate()
         pytest.fail(f"{strategy} with {package} did not finish in 300 s: {stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
-    with open(os.path.join(tmp_path, "report.json")) as fh:
-        return json.load(fh)
+    return proc.returncode, stderr
 
 
 def check_report(report: Dict[str, Any], world_size: int) -> None:
