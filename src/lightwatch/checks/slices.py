@@ -16,7 +16,6 @@ again for that slice only after its condition has cleared. Settings are read lik
 """
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -24,7 +23,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 from lightwatch.checks.finding import Finding
 from lightwatch.core.actions import check_action
 from lightwatch.core.alerts import check_severity
-from lightwatch.core.rule_keys import RuleKeys, format_value, plain, unenum
+from lightwatch.core.rule_keys import RuleKeys, format_value, plain, rule_kind
 
 __all__ = ["SLICE_RULE_KINDS", "SliceGapRule", "SliceReading", "SliceRegressedRule", "SliceRule",
            "build_slice_rules", "default_slice_rules"]
@@ -301,12 +300,7 @@ def build_slice_rules(rules: Optional[Mapping[str, Any]], metrics: Sequence[str]
             raise ValueError(f"{where} rule {name!r}: settings must be a mapping such as {{'kind': 'slice_gap'}}, "
                              f"got {spec!r}.")
         spec = {k: v for k, v in spec.items() if v is not None}  # null keeps a key's default (Hydra's schema)
-        kind = unenum(spec.get("kind"))
-        if kind not in SLICE_RULE_KINDS:
-            close = difflib.get_close_matches(str(kind), list(SLICE_RULE_KINDS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{where} rule {name!r}: key 'kind' must be one of {', '.join(SLICE_RULE_KINDS)}, got "
-                             f"{kind!r}{hint}")
+        kind = rule_kind(str(name), spec, SLICE_RULE_KINDS, where)
         rule = SLICE_RULE_KINDS[kind](str(name), spec, metrics[0], where)
         if rule.metric not in metrics:
             raise ValueError(f"{where} rule {name!r}: key 'metric' names {rule.metric!r}, which this monitor does not "

@@ -10,7 +10,7 @@ import math
 from enum import Enum
 from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
-__all__ = ["RuleKeys", "format_value", "plain", "unenum"]
+__all__ = ["RuleKeys", "format_value", "plain", "rule_kind", "unenum"]
 
 
 def format_value(x: float) -> str:
@@ -138,6 +138,27 @@ class RuleKeys:
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; keys of this kind: {', '.join(known)}"
                 raise ValueError(f"{self.where} rule {self.name!r}: unknown key {key!r}{hint}")
+
+
+def rule_kind(name: str, spec: Mapping[str, Any], kinds: Iterable[str], where: str) -> str:
+    """The ``kind`` of rule ``name``'s settings, one of ``kinds``; otherwise a ``ValueError`` that lists them and
+    suggests the closest.
+
+    Example:
+        >>> rule_kind("r", {"kind": "plateau"}, ["plateau", "spike"], "MetricMonitor")
+        'plateau'
+        >>> rule_kind("r", {"kind": "spik"}, ["plateau", "spike"], "MetricMonitor")
+        Traceback (most recent call last):
+        ...
+        ValueError: MetricMonitor rule 'r': key 'kind' must be one of plateau, spike, got 'spik'; did you mean 'spike'?
+    """
+    kinds = list(kinds)
+    kind = unenum(spec.get("kind"))
+    if kind not in kinds:
+        close = difflib.get_close_matches(str(kind), kinds, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{where} rule {name!r}: key 'kind' must be one of {', '.join(kinds)}, got {kind!r}{hint}")
+    return kind
 
 
 def unenum(value: Any) -> Any:

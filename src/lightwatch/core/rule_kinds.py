@@ -5,13 +5,12 @@ Each kind is a :class:`~lightwatch.core.rule_base.Rule` with its own keys and it
 """
 from __future__ import annotations
 
-import difflib
 import math
 import statistics
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lightwatch.core.rule_base import Finding, MetricStats, Rule
-from lightwatch.core.rule_keys import RuleKeys, format_value, plain, unenum
+from lightwatch.core.rule_keys import RuleKeys, format_value, plain, rule_kind
 
 __all__ = [
     "RULE_KINDS",
@@ -430,10 +429,5 @@ def build_rule(name: str, spec: Any, where: str = "MetricMonitor", default_coold
     if not isinstance(spec, Mapping):
         raise ValueError(f"{where} rule {name!r}: settings must be a mapping such as "
                          f"{{'metric': 'train/loss', 'kind': 'nonfinite'}}, got {spec!r}.")
-    kind = unenum(spec.get("kind"))
-    if kind not in RULE_KINDS:
-        close = difflib.get_close_matches(str(kind), list(RULE_KINDS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{where} rule {name!r}: key 'kind' must be one of {', '.join(RULE_KINDS)}, "
-                         f"got {kind!r}{hint}")
+    kind = rule_kind(name, spec, RULE_KINDS, where)
     return RULE_KINDS[kind](name, spec, where=where, default_cooldown=default_cooldown)
