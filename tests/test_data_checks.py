@@ -317,6 +317,10 @@ trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1,
 trainer.fit(Model(), DataLoader(TensorDataset(x, y), batch_size=4))
 with open(os.path.join(out, "rank%d.json" % trainer.global_rank), "w") as f:
     json.dump(RESULTS, f)
+# as every torchrun script here (tests/conftest.py shutdown_distributed): gloo torn down at interpreter exit can
+# abort a rank ("terminate called without an active exception")
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 '''
 
 
