@@ -25,6 +25,7 @@ from lightwatch.callbacks import DataQualityMonitor
 from lightwatch.core.actions import MonitorWarning
 from lightwatch.core.batch import BatchSelectorError
 from lightwatch.profile import DataProfile, ProfileError
+from lightwatch.metrics import cpu_shortcuts
 
 HERE = os.path.dirname(__file__)
 TB = ("tb", "version_0")
@@ -560,20 +561,29 @@ def run_counted(tmp_path: Any, monitors: List[Any], monkeypatch: Any) -> Tuple[O
     return counter, writes, reads
 
 
-def test_no_host_sync_and_no_write_on_unsampled_steps_at_defaults(tmp_path: Any, monkeypatch: Any) -> None:
+@pytest.mark.parametrize("shortcuts", [True, False], ids=["cpu-shortcuts", "accelerator-path"])
+def test_no_host_sync_and_no_write_on_unsampled_steps_at_defaults(tmp_path: Any, monkeypatch: Any,
+                                                                  shortcuts: bool) -> None:
+    """Unsampled steps copy the batch's fields into the staging buffer and do nothing else. At a logged step
+    the fold runs: on the CPU it may read values to skip empty masks; the accelerator's path (run here on the
+    CPU with the shortcuts off) reads nothing but the one ``tolist`` of the counters."""
     bare, bare_writes, bare_reads = run_counted(tmp_path / "bare", [], monkeypatch)
     monitor = DataQualityMonitor()
-    watched, writes, reads = run_counted(tmp_path / "watched", [monitor], monkeypatch)
+    with cpu_shortcuts(shortcuts):
+        watched, writes, reads = run_counted(tmp_path / "watched", [monitor], monkeypatch)
     sampled = {9, 19}
     for step in range(1, 24):  # step 0 freezes the histogram edges (once per run); step 24 ends the fit
         extra = watched.ops[step] - bare.ops[step]
         assert not bare.ops[step] - watched.ops[step], f"step {step}: ops disappeared"
         if step in sampled:
-            # the fold (checks, statistics, hashes of 10 batches at once), and one read: tolist, not item
-            assert extra["cat"] >= 1 and extra["scatter_add_"] >= 1 and extra["_local_scalar_dense"] == 0, extra
+            # the fold (checks, statistics, hashes of 10 batches at once)
+            if shortcuts:
+                assert extra["amin"] >= 1 and extra["ge"] >= 1, extra  # clean chunks: min/max, edge counts
+            else:
+                assert extra["scatter_add_"] >= 1 and extra["_local_scalar_dense"] == 0, extra
             continue
-        # the whole per-step cost: a copy of each field (x and y), checked and counted at the logged step
-        assert extra == Counter({"detach": 2, "clone": 2}), f"step {step}: {extra}"
+        # the whole per-step cost: a copy of each field (x and y) into the staging buffer
+        assert extra == Counter({"detach": 2, "slice": 2, "copy_": 2}), f"step {step}: {extra}"
         assert reads[step] == bare_reads[step] and writes[step] == bare_writes[step], f"step {step}: read or write"
     assert all(writes[s] > bare_writes[s] and reads[s] > bare_reads[s] for s in sampled)
     assert monitor._readback.copies == 2  # steps 9 and 19; the rest is read with the epoch-end reduction

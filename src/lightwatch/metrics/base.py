@@ -18,7 +18,8 @@ every rank's shifted sums on one common shift before they are summed (see its do
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -34,9 +35,46 @@ __all__ = [
     "pack_sum",
     "load_packed",
     "all_reduce_statistics",
+    "cpu_shortcuts",
+    "may_read_values",
 ]
 
 Device = Union[str, torch.device, None]
+
+_CPU_SHORTCUTS = True
+
+
+def may_read_values(t: torch.Tensor) -> bool:
+    """Whether code may read ``t``'s values on the host to take a shortcut (skip masks that would be empty).
+
+    On the CPU such a read waits for nothing; on an accelerator it is a host sync, which the statistics
+    never make, so there they always take the branch-free path. :func:`cpu_shortcuts` turns the shortcuts
+    off, to run (and count the operations of) the accelerator's path on the CPU.
+
+    Example:
+        >>> import torch
+        >>> may_read_values(torch.zeros(1))
+        True
+    """
+    return _CPU_SHORTCUTS and t.device.type == "cpu"
+
+
+@contextlib.contextmanager
+def cpu_shortcuts(enabled: bool) -> Iterator[None]:
+    """Within the block, take (or do not take) the CPU-only shortcuts of :func:`may_read_values`.
+
+    Example:
+        >>> import torch
+        >>> with cpu_shortcuts(False):
+        ...     may_read_values(torch.zeros(1))
+        False
+    """
+    global _CPU_SHORTCUTS
+    before, _CPU_SHORTCUTS = _CPU_SHORTCUTS, enabled
+    try:
+        yield
+    finally:
+        _CPU_SHORTCUTS = before
 
 
 class Statistic(abc.ABC):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from lightwatch.metrics._state import StateReader, encode_floats, encode_ints
-from lightwatch.metrics.base import Device, ReducibleStatistic
+from lightwatch.metrics.base import Device, ReducibleStatistic, may_read_values
 from lightwatch.metrics.features import to_feature_matrix
 
 if TYPE_CHECKING:
@@ -225,6 +225,9 @@ class Moments(ReducibleStatistic):
         if x.shape[0] == 0:
             return
         xf = x.to(_F64)
+        if may_read_values(xf) and bool(torch.isfinite(xf.sum())):
+            self._update_finite(xf)
+            return
         finite = torch.isfinite(xf)
         self.nan_count += torch.isnan(xf).sum(0)
         self.posinf_count += (xf == _INF).sum(0)
@@ -239,6 +242,18 @@ class Moments(ReducibleStatistic):
         self.count += n_b
         self.min = torch.minimum(self.min, torch.where(finite, xf, _INF).amin(0))
         self.max = torch.maximum(self.max, torch.where(finite, xf, -_INF).amax(0))
+
+    def _update_finite(self, xf: torch.Tensor) -> None:
+        # The same sums as the masked update with every mask true (bit for bit), without building the masks:
+        # on the CPU a host read waits for nothing, and a batch whose sum is finite has only finite values.
+        n_b = torch.full_like(self.count, xf.shape[0])
+        self.shift = torch.where(torch.isnan(self.shift), xf.sum(0) / n_b.clamp_min(1), self.shift)
+        d = xf - self.shift
+        self.shifted_sum += d.sum(0)
+        self.shifted_sum_sq += d.square_().sum(0)
+        self.count += n_b
+        self.min = torch.minimum(self.min, xf.amin(0))
+        self.max = torch.maximum(self.max, xf.amax(0))
 
     def chan_state(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(n, mean, M2)`` per feature as float64 tensors (mean NaN where ``n == 0``)."""

@@ -36,6 +36,8 @@ class Pending:
     # fields of this batch whose feature dimension is variable and has another size than the field's layout:
     # checked for non-finite values as a whole, left out of the per-feature statistics
     loose: Dict[int, torch.Tensor] = field(default_factory=dict)
+    # field -> first row of this batch in the buffer's staging tensor of that field (fields copied there)
+    staged: Dict[int, int] = field(default_factory=dict)
 
 
 class Buffer:
@@ -45,22 +47,33 @@ class Buffer:
     and hashing samples costs a few dozen small tensor operations whatever the batch size, and on small
     batches that per-operation cost (dispatch, kernel launches, cold caches right after the backward pass) is
     nearly all of it. So each batch only leaves a copy of its fields here (a copy, because training code may
-    change the batch in place), and the work is done on the concatenation at the next logged step, at the end
-    of the epoch, or when the buffer holds ``BUFFER_BYTES``. Per-row markers keep the step of each value, so
+    change the batch in place), and the work is done on all of them at the next logged step, at the end of
+    the epoch, or when the buffer holds ``BUFFER_BYTES``. Per-row markers keep the step of each value, so
     the first bad step is exact.
+
+    The copies go into one staging tensor per field, allocated once and reused fold after fold, row after
+    row: the buffered batches of a field are then already one tensor (:meth:`joined` is a view, not a
+    concatenation), and no step allocates memory of the batch's size. A batch whose sample shape, dtype or
+    device does not match its field's staging tensor is cloned instead.
 
     Example:
         >>> import torch
         >>> buf = Buffer()
-        >>> buf.add(Pending([torch.zeros(4, 2)], marker=0, rows=4, ids=None))
+        >>> buf.add(Pending([torch.zeros(4, 2)], marker=0, rows=4, ids=None), copy=True)
+        >>> buf.add(Pending([torch.ones(3, 2)], marker=1, rows=3, ids=None), copy=True)
         >>> buf.fits([torch.zeros(3, 2)]), buf.fits([torch.zeros(3, 5)]), buf.nbytes
-        (True, False, 32)
+        (True, False, 56)
+        >>> buf.joined(0, buf.batches).sum().item()  # one view of both batches' rows
+        6.0
     """
 
     def __init__(self) -> None:
         self.batches: List[Pending] = []
         self.shapes: Optional[List[Optional[Tuple[int, ...]]]] = None
         self.nbytes = 0
+        self._stage: Dict[int, torch.Tensor] = {}
+        self._fill: Dict[int, int] = {}
+        self._stage_rows: Optional[int] = None
 
     def fits(self, parts: List[Optional[torch.Tensor]]) -> bool:
         """Whether these fields can be concatenated with the buffered ones (same sample shapes)."""
@@ -68,7 +81,16 @@ class Buffer:
             return True
         return all(p is None or old is None or tuple(p.shape[1:]) == old for p, old in zip(parts, self.shapes))
 
-    def add(self, pending: Pending) -> None:
+    def add(self, pending: Pending, copy: bool = False) -> None:
+        """Buffer a batch; with ``copy``, its fields are copied (into the staging tensors) first."""
+        if copy:
+            if self._stage_rows is None:
+                row_bytes = sum(p[0].numel() * p.element_size() for p in pending.parts if p is not None)
+                self._stage_rows = BUFFER_BYTES // max(1, row_bytes) + pending.rows
+            pending.staged = {}
+            for i, p in enumerate(pending.parts):
+                if p is not None:
+                    pending.parts[i] = self._copy(i, p, pending)
         self.batches.append(pending)
         shapes = [None if p is None else tuple(p.shape[1:]) for p in pending.parts]
         if self.shapes is not None:
@@ -76,10 +98,43 @@ class Buffer:
         self.shapes = shapes
         self.nbytes += sum(p.numel() * p.element_size() for p in pending.parts if p is not None)
 
+    def _copy(self, i: int, p: torch.Tensor, pending: Pending) -> torch.Tensor:
+        stage, fill, n = self._stage.get(i), self._fill.get(i, 0), p.shape[0]
+        assert self._stage_rows is not None
+        if stage is None or stage.shape[1:] != p.shape[1:] or stage.dtype != p.dtype or stage.device != p.device:
+            if fill:  # rows of this field are waiting in the old staging tensor
+                return p.clone()
+            stage = torch.empty((max(self._stage_rows, n),) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device)
+            self._stage[i] = stage
+        if fill + n > stage.shape[0]:
+            return p.clone()
+        view = stage[fill:fill + n]
+        view.copy_(p)
+        pending.staged[i] = fill
+        self._fill[i] = fill + n
+        return view
+
+    def joined(self, i: int, batches: List[Pending]) -> torch.Tensor:
+        """Field ``i`` of ``batches`` (all holding it) as one tensor: a view of the staging tensor when the
+        batches' rows lie there one after the other, else a concatenation."""
+        if len(batches) == 1:
+            part = batches[0].parts[i]
+            assert part is not None
+            return part
+        start = batches[0].staged.get(i)
+        row = start
+        for b in batches:
+            if row is None or b.staged.get(i) != row:
+                return torch.cat([b.parts[i] for b in batches])  # type: ignore[misc]
+            row += b.rows
+        assert start is not None and row is not None
+        return self._stage[i][start:row]
+
     def clear(self) -> None:
         self.batches = []
         self.shapes = None
         self.nbytes = 0
+        self._fill.clear()
 
 
 class SplitState:

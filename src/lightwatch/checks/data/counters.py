@@ -17,6 +17,7 @@ import torch
 from lightwatch.checks.data.buffers import BUFFER_BYTES, Pending, SplitState
 from lightwatch.checks.data.fields import FieldSpec, feature_matrix
 from lightwatch.core.readback import HostReadback
+from lightwatch.metrics.base import may_read_values
 from lightwatch.core.reduce import agree_max, all_reduce_flat
 
 __all__ = ["BatchCounters"]
@@ -88,10 +89,9 @@ class BatchCounters:
         size = sum(p.numel() * p.element_size() for p in parts if p is not None)
         direct = not sp.buffer.batches and (size >= BUFFER_BYTES or bool(self._immediate_checks))
         if not direct:  # kept past this hook: copy, since training code may change the batch in place
-            parts = [None if p is None else p.clone() for p in parts]
             ids = None if ids is None else ids.clone()
             loose = {i: v.clone() for i, v in loose.items()}
-        sp.buffer.add(Pending(parts, marker, keep, ids, loose))
+        sp.buffer.add(Pending(parts, marker, keep, ids, loose), copy=not direct)
         if direct or sp.buffer.nbytes >= BUFFER_BYTES:
             self._fold(sp)
 
@@ -132,8 +132,7 @@ class BatchCounters:
                     counts[-1][-1:] = loose_count
                     firsts[-1][-1:] = loose_first
                 continue
-            x = torch.cat([b.parts[i] for b in batches]) if len(batches) > 1 else batches[0].parts[i]
-            assert x is not None
+            x = buf.joined(i, batches)
             markers = self._row_markers(batches, device).reshape((-1,) + (1,) * (x.dim() - 1))
             if s.kind == "labels":
                 bad = x < 0
@@ -177,7 +176,7 @@ class BatchCounters:
             inputs = [i for i, s in enumerate(sp.specs) if s.role == "input"]
             hashed = [b for b in buf.batches if inputs and all(b.parts[i] is not None for i in inputs)]
             if hashed:
-                fields = [torch.cat([b.parts[i] for b in hashed]) for i in inputs]  # type: ignore[misc]
+                fields = [buf.joined(i, hashed) for i in inputs]
                 ids = None
                 if all(b.ids is not None for b in hashed):
                     ids = torch.cat([b.ids for b in hashed])  # type: ignore[misc]
@@ -185,9 +184,26 @@ class BatchCounters:
         buf.clear()
 
     def _numeric_flags(self, s: FieldSpec, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Element-wise masks of non-finite values and of values outside the field's ranges (or ``None``)."""
-        nonfinite = torch.isfinite(x).logical_not_() if s.floating else None
+        """Element-wise masks of non-finite values and of values outside the field's ranges (``None``: none).
+
+        On the CPU a host read waits for nothing, so a clean chunk (the usual case) is shown clean by a sum
+        and a per-feature min and max, and only a chunk that holds a flagged value pays for the element-wise
+        masks (each a pass over the chunk and an allocation of its size). On an accelerator the masks are
+        always built: branching on the data there would be a host sync.
+        """
         rng = self._ranges.get(s.name)
+        if may_read_values(x) and x.dtype != torch.bool:
+            # A finite sum means every value is finite; an overflowing sum only sends the chunk the long way.
+            total = x.sum(dtype=torch.float32) if s.floating and x.element_size() < 4 else x.sum()
+            if not s.floating or bool(torch.isfinite(total)):
+                if rng is None:
+                    return None, None
+                dims = s.sum_dims if s.sum_dims is not None else tuple(range(x.dim()))
+                if bool((x.amin(dim=dims, keepdim=True) >= rng.lo).all()) and \
+                        bool((x.amax(dim=dims, keepdim=True) <= rng.hi).all()):
+                    return None, None
+                return None, (x < rng.lo) | (x > rng.hi)
+        nonfinite = torch.isfinite(x).logical_not_() if s.floating else None
         outside = ((x < rng.lo) | (x > rng.hi)) if rng is not None else None
         return nonfinite, outside
 
