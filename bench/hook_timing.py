@@ -138,8 +138,8 @@ def _is_lightwatch(hook: Callable[..., Any]) -> bool:
 
 @contextlib.contextmanager
 def timed_model_hooks(clock: HookClock) -> Iterator[None]:
-    """While open, every forward hook, forward pre-hook and tensor (gradient) hook lightwatch registers is
-    wrapped with ``clock``'s timer, keyed by (owning class, "forward hooks" | "forward pre-hooks" | "tensor hooks").
+    """While open, every forward hook (global ones too), forward pre-hook and tensor (gradient) hook lightwatch
+    registers is wrapped with ``clock``'s timer, keyed by (owning class, "forward hooks" | "forward pre-hooks" | "tensor hooks").
     """
     patched = [(torch.nn.Module, "register_forward_hook", "forward hooks"),
                (torch.nn.Module, "register_forward_pre_hook", "forward pre-hooks"),
@@ -153,13 +153,25 @@ def timed_model_hooks(clock: HookClock) -> Iterator[None]:
             return original(target, hook, *args, **kwargs)
         return register
 
+    # the global forward hook ActivationStatsMonitor registers for a sampled step (it dispatches to the
+    # watched modules' hooks) counts as its forward hooks
+    global_module = torch.nn.modules.module
+    global_original = global_module.register_module_forward_hook
+
+    def register_global(hook: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if _is_lightwatch(hook):
+            hook = clock.timed((_hook_owner(hook), "forward hooks"), hook)
+        return global_original(hook, *args, **kwargs)
+
     for (owner, name, label), original in zip(patched, originals):
         setattr(owner, name, wrapping(original, label))
+    global_module.register_module_forward_hook = register_global
     try:
         yield
     finally:
         for (owner, name, _), original in zip(patched, originals):
             setattr(owner, name, original)
+        global_module.register_module_forward_hook = global_original
 
 
 def hook_rows(clock: HookClock, unsampled: List[int], sampled: List[int]) -> List[Tuple[str, str, float, float]]:
