@@ -314,10 +314,37 @@ def test_image_statistics_do_not_depend_on_how_samples_are_batched(tmp_path: Any
         profiles.append(monitor.profile.splits["train"].fields["image"])
     a, b = profiles
     assert a.num_features == 3 and a.feature_dim == 1 and a.shape == [3, 16, 16]
-    # 256 pixels per channel and image, read with an odd stride of 5 (at most 64 wanted): 52 each
-    assert a.histogram.binned_counts().sum().item() == 64 * 52 * 3
+    # 256 pixels per channel and image, read with an odd stride of 5 (at most 64 wanted): 52 each; 156 values an
+    # image, so the histogram counts the images whose content hash falls in one of ceil(156 / 64) = 3 classes
+    counted = a.histogram.binned_counts().sum().item()
+    assert counted % (52 * 3) == 0 and 64 * 52 * 3 / 6 < counted < 64 * 52 * 3 / 1.5, counted
+    assert b.histogram.binned_counts().sum().item() == counted  # the same images either way (edges differ)
+    assert a.moments.compute()["count"].sum().item() == 64 * 52 * 3  # the moments read every image
     assert torch.allclose(a.moments.compute()["mean"], b.moments.compute()["mean"], rtol=1e-12, atol=1e-12)
     assert a.moments.compute()["count"].tolist() == b.moments.compute()["count"].tolist()
+
+
+def test_wide_fields_histogram_a_content_chosen_share_and_drift_takes_the_samples_counted(tmp_path: Any) -> None:
+    """200 features a sample: the histograms count the samples whose content hash falls in one of
+    ceil(200 / 64) = 4 classes, the moments every sample; a healthy validation split raises nothing, a
+    shifted one is still caught, with thresholds for the samples the histograms counted."""
+    from lightwatch.checks.data.drift import counted_share
+
+    x, y = tabular(640, 0, features=200)
+    monitors = {}
+    for name, shift in (("healthy", 0.0), ("shifted", 0.5)):
+        vx, vy = tabular(320, 1, features=200, shift=shift)
+        monitors[name] = DataQualityMonitor(profile_path=None)
+        fit(tmp_path / name, monitors[name], loader(x, y, batch_size=64), loader(vx, vy, batch_size=64),
+            model=Classifier(in_features=200), max_steps=10)
+    train = monitors["healthy"].profile.splits["train"].fields["x"]
+    assert train.moments.compute()["count"].tolist() == [640] * 200
+    share = counted_share(train)
+    assert 0.15 < share < 0.35, share  # about a quarter, chosen by content
+    assert train.histogram.compute()["total"].tolist() == [round(640 * share)] * 200  # whole samples
+    assert not by_rule(tmp_path / "healthy", "data_drift")
+    drifted = by_rule(tmp_path / "shifted", "data_drift")
+    assert drifted and drifted[0]["subject"].startswith("val/x."), drifted
 
 
 def test_regression_targets_are_numeric_fields(tmp_path: Any) -> None:

@@ -209,13 +209,24 @@ class Histogram(ReducibleStatistic):
         """An empty histogram with the same (frozen) edges."""
         return Histogram(self._edges.clone(), feature_dim=self.feature_dim, device=self._device)
 
-    def update(self, x: Any) -> None:
+    def update(self, x: Any, rows: Optional[torch.Tensor] = None) -> None:
         """Count a batch (features along ``feature_dim``) on its device, no host sync.
 
         Args:
             x: a real or bool tensor.
+            rows: optional bool mask over the rows of the ``[values, F]`` feature matrix: only those are
+                counted (a sample of the batch; the mask costs no host sync either).
+
+        Example:
+            >>> import torch
+            >>> h = Histogram([0.0, 1.0, 2.0], num_features=1)
+            >>> h.update(torch.tensor([0.5, 1.5, 1.5]), rows=torch.tensor([True, False, True]))
+            >>> h.compute()["counts"].tolist()
+            [[1, 1]]
         """
         x = to_feature_matrix(x, self.feature_dim)
+        if rows is not None and rows.shape != x.shape[:1]:
+            raise ValueError(f"Histogram.update: rows has shape {tuple(rows.shape)}, expected ({x.shape[0]},)")
         if x.is_complex():
             raise TypeError("Histogram does not support complex tensors")
         f = x.shape[1]
@@ -229,15 +240,20 @@ class Histogram(ReducibleStatistic):
         if x.shape[0] == 0:
             return
         b = self.bins
-        if may_read_values(x) and bool(torch.isfinite(x.sum(dtype=_F64))):
-            self._update_finite(x.to(_F64))
-            return
+        if may_read_values(x):  # on the CPU boolean indexing reads the mask for free
+            if rows is not None:
+                x = x[rows.to(x.device)]
+                rows = None
+            if bool(torch.isfinite(x.sum(dtype=_F64))):
+                self._update_finite(x.to(_F64))
+                return
         xt = x.to(_F64).T.contiguous()  # [F, n]: searchsorted wants matching leading dims
         idx = torch.searchsorted(self._edges, xt, right=True)  # 0: underflow, b + 1: overflow
         idx = torch.where(xt == self._edges[:, -1:], torch.full_like(idx, b), idx)
         idx = torch.where(torch.isnan(xt), torch.full_like(idx, b + 2), idx)
         flat = (idx + self._offsets).reshape(-1)
-        self._counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
+        ones = torch.ones_like(flat) if rows is None else rows.to(flat).expand_as(idx).reshape(-1)
+        self._counts.view(-1).scatter_add_(0, flat, ones)
 
     def _update_finite(self, x: torch.Tensor) -> None:
         # Finite values on the CPU (a host read waits for nothing there): one comparison per edge and a count

@@ -18,12 +18,17 @@ from lightwatch.checks.data.buffers import BUFFER_BYTES, Pending, SplitState
 from lightwatch.checks.data.fields import FieldSpec, feature_matrix
 from lightwatch.core.readback import HostReadback
 from lightwatch.metrics.base import may_read_values
+from lightwatch.metrics.hashing import hash_rows
 from lightwatch.core.reduce import agree_max, all_reduce_flat
 
-__all__ = ["BatchCounters"]
+__all__ = ["BatchCounters", "HIST_VALUES_PER_SAMPLE"]
 
 _F64 = torch.float64
 _NEG_INF = float("-inf")
+#: A field's histogram counts all samples up to this many values a sample (features x values per feature),
+#: a content-chosen share of them above (see ``BatchCounters._histogram_rows``).
+HIST_VALUES_PER_SAMPLE = 64
+_HIST_SEED = 0x5EED
 
 
 class BatchCounters:
@@ -164,7 +169,7 @@ class BatchCounters:
                 else:
                     sample = feature_matrix(x, s.feature_dim, self.max_values_per_sample).to(_F64)
                     sp.acc[s.name].update(sample)
-                    sp.acc[s.name + "\0hist"].update(sample)
+                    sp.acc[s.name + "\0hist"].update(sample, rows=self._histogram_rows(x, sample))
         vec = torch.cat(counts)
         sp.counts.add_(vec)
         torch.maximum(sp.first, torch.cat(firsts).neg(), out=sp.first)
@@ -182,6 +187,27 @@ class BatchCounters:
                     ids = torch.cat([b.ids for b in hashed])  # type: ignore[misc]
                 sp.hasher.update(fields, sample_ids=ids)
         buf.clear()
+
+    @staticmethod
+    def _histogram_rows(x: torch.Tensor, sample: torch.Tensor) -> Optional[torch.Tensor]:
+        """The rows of a field's feature matrix its histogram counts: all of them, or for a wide field (more
+        than ``HIST_VALUES_PER_SAMPLE`` values a sample) the samples whose content hash falls in one of ``k``
+        classes, ``k = ceil(values / HIST_VALUES_PER_SAMPLE)``.
+
+        Counting a histogram costs a comparison per edge and value, about 10 ns a value on the CPU: on a
+        deep MLP with 256 input features it was 70% of the data monitor's work. The moments (ranges, mean,
+        variance) still see every value, and the drift thresholds take the samples counted
+        (:func:`~lightwatch.checks.data.drift.counted_share`). A content hash picks the samples, so the choice
+        does not depend on batching, ranks or order.
+        """
+        n = x.shape[0]
+        per_sample = sample.shape[0] // max(n, 1)
+        k = -(-per_sample * sample.shape[1] // HIST_VALUES_PER_SAMPLE)
+        if k <= 1 or n == 0:
+            return None
+        values = sample.reshape(n, -1)  # the values the distribution tier reads: fewer than the sample's on images
+        chosen = hash_rows(values if values.numel() < x.numel() else x, seed=_HIST_SEED).remainder(k) == 0
+        return chosen.unsqueeze(1).expand(n, per_sample).reshape(-1)
 
     def _numeric_flags(self, s: FieldSpec, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Element-wise masks of non-finite values and of values outside the field's ranges (``None``: none).

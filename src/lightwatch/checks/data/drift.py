@@ -20,6 +20,29 @@ __all__ = ["Drift", "DriftResult"]
 DriftResult = Tuple[List[float], List[float], float, float, List[int]]
 
 
+def counted_share(field: Any) -> float:
+    """Share of a numeric field profile's values that its histogram counted: the histogram's total over the
+    moments' total, 1 when every value was counted.
+
+    The data monitor counts the histogram of a wide field (more than ``HIST_VALUES_PER_SAMPLE`` values per
+    sample) on a content-chosen share of its samples; the drift thresholds then take the samples counted.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> from lightwatch.metrics import Histogram, Moments
+        >>> m, h = Moments(num_features=1), Histogram([0.0, 1.0], num_features=1)
+        >>> m.update(torch.rand(8)); h.update(torch.rand(2))
+        >>> counted_share(SimpleNamespace(moments=m, histogram=h))
+        0.25
+    """
+    if getattr(field, "moments", None) is None or getattr(field, "histogram", None) is None:
+        return 1.0
+    values = float(field.moments.compute()["total"].sum())
+    counted = float(field.histogram.compute()["total"].sum())
+    return 1.0 if values <= 0 else min(1.0, counted / values)
+
+
 class Drift(DataCheck):
     """Features of a split whose histogram moved away from another split's (PSI or KS above its threshold).
 
@@ -51,7 +74,11 @@ class Drift(DataCheck):
         alarms at alpha 1% with 40 to 5000 samples, continuous and discrete data; without the half sample,
         26% to 54% with 50 to 96 evaluation samples).
         """
-        if cur.histogram is None or ref.histogram is None or n_cur < 2 or n_ref < 2:
+        if cur.histogram is None or ref.histogram is None:
+            return None
+        # a histogram that counted a share of the samples (wide fields, see `counted_share`) holds that many
+        n_cur, n_ref = n_cur * counted_share(cur), n_ref * counted_share(ref)
+        if n_cur < 2 or n_ref < 2:
             return None
         if cur.histogram.edges.shape != ref.histogram.edges.shape or not torch.equal(
                 cur.histogram.edges.cpu(), ref.histogram.edges.cpu()):
