@@ -98,7 +98,7 @@ class _StepSums:
         self.alive: List[Optional[torch.Tensor]] = []
         self.hist: List[Optional[torch.Tensor]] = []
         self.order: List[int] = []  # forward position of each module in this step (-1: not called)
-        self.counts: List[List[float]] = []
+        self.counts: List[float] = []  # flat: _COUNT_WIDTH per module
         self.calls = 0
         self.segment_ids: Optional[torch.Tensor] = None
 
@@ -108,7 +108,7 @@ class _StepSums:
         self.modules = len(rectifier)
         self.rectifier, self.nonnegative = rectifier, nonnegative
         self.alive = [None] * self.modules
-        self.counts = [[0.0] * _COUNT_WIDTH for _ in range(self.modules)]
+        self.counts = [0.0] * (_COUNT_WIDTH * self.modules)
         self.hist = [None] * self.modules
         self.order = [-1] * self.modules
         self.values: List[Optional[List[torch.Tensor]]] = [None] * self.modules
@@ -142,7 +142,6 @@ class _StepSums:
         # Kept as 0-d tensors (Σy, ‖y‖, non-zeros, saturated, min, max) and stacked for all modules at once in
         # `pack`, where the norms are squared and the mins negated (-min and max reduce with MAX across ranks;
         # NaN propagates, so non-finite outputs stay visible): per module no op beyond the reductions themselves.
-        counts = self.counts[i]
         previous = self.values[i]
         if previous is None:  # the usual case: one call per step
             self.values[i] = [total, norm, nonzero, saturated, lo, hi]
@@ -150,9 +149,10 @@ class _StepSums:
             self.values[i] = [previous[0] + total, torch.hypot(previous[1], norm),  # the norm of both outputs
                               previous[2] + nonzero, previous[3] + saturated,
                               torch.minimum(previous[4], lo), torch.maximum(previous[5], hi)]
-        counts[_C_N] += n
-        counts[_C_SAMPLE] += sample.numel()
-        counts[_C_CALLS] += 1
+        counts, at = self.counts, i * _COUNT_WIDTH
+        counts[at + _C_N] += n
+        counts[at + _C_SAMPLE] += sample.numel()
+        counts[at + _C_CALLS] += 1
         if self.rectifier[i] and y.dim() >= 2:
             self._record_alive(i, y, channel_first)
         if histogram and self.hist[i] is None:
@@ -346,6 +346,7 @@ class _ActivationStatsMonitor(MonitorCallback):
         self._handles: List[Any] = []
         self._hooks: List[Tuple[nn.Module, Callable[..., None]]] = []
         self._hook_of: Dict[int, Callable[..., None]] = {}
+        self._act_tags: Dict[Tuple[str, str], str] = {}
         self._step_hook: Any = None
         self._persistent_hooks = True  # until fit start decides (see `on_fit_start`)
         self._active = False
@@ -522,6 +523,13 @@ class _ActivationStatsMonitor(MonitorCallback):
         return self._units
 
     # --------------------------------------------------------------------------- host side
+    def _tag(self, name: str, stat: str) -> str:
+        # a sampled step writes every kept module's five to seven values: their tags are built once
+        tag = self._act_tags.get((name, stat))
+        if tag is None:
+            tag = self._act_tags[(name, stat)] = self.writer.tag("act", name, stat)
+        return tag
+
     def _publish(self, trainer: Any, pl_module: Any) -> None:
         with gc_paused():  # a few objects per module and scalar: see lightwatch.core.gc_pause
             for values, (step, order, hist_mask) in self._readback.collect():
@@ -561,8 +569,7 @@ class _ActivationStatsMonitor(MonitorCallback):
 
         flagged = [name for name, row in stats if row["nonfinite"] > 0]
         keep = set(top_k_subjects([n for n, _ in stats], [r["absmax"] for _, r in stats], self.top_k, flagged))
-        scalars = {self.writer.tag("act", name, stat): v for name, row in stats if name in keep
-                   for stat, v in row.items()}
+        scalars = {self._tag(name, stat): v for name, row in stats if name in keep for stat, v in row.items()}
         # the readings the diagnoses judge (over every watched module, not only the written ones), so their
         # healthy range can be read back from any run
         for check in (self._dead, self._saturated, self._growth):

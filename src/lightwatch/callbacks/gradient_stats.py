@@ -134,6 +134,7 @@ class _GradientStatsMonitor(MonitorCallback):
         self._params: List[torch.nn.Parameter] = []
         self._all_params: List[torch.nn.Parameter] = []
         self._groups: List[Tuple[str, List[int]]] = []
+        self._subject_tags: Dict[str, List[Tuple[str, str]]] = {}
         self._sharded = False
         self._ring: Optional[torch.Tensor] = None
         self._stats_step: Optional[int] = None
@@ -326,11 +327,13 @@ class _GradientStatsMonitor(MonitorCallback):
         for name, stats in subjects:
             if name not in keep:
                 continue
-            for key, value in stats.items():
-                family, stat = key.split(".")
-                if stat == "update_ratio" and not self.track_update_ratio:
-                    continue
-                scalars[self.writer.tag(family, name, stat)] = value
+            tags = self._subject_tags.get(name)
+            if tags is None:  # built once per subject: a sampled step writes every kept subject's five values
+                tags = self._subject_tags[name] = [
+                    (key, self.writer.tag(key.split(".")[0], name, key.split(".")[1]))
+                    for key in stats if self.track_update_ratio or not key.endswith("update_ratio")]
+            for key, tag in tags:
+                scalars[tag] = stats[key]
         # the readings the diagnoses judge, so their healthy range can be read back from any run
         moves = checks.update_ratios(self._matrices, present, before_sq, delta_sq) if self.track_update_ratio else []
         overall = checks.overall_update_ratio(moves, before_sq, delta_sq) if step > 0 else None

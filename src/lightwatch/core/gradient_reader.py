@@ -231,16 +231,28 @@ def group_stats(groups: Sequence[Tuple[str, List[int]]], grad_sq: Sequence[float
         [('net.0', 5.0)]
     """
     subjects: List[Tuple[str, Dict[str, float]]] = []
+    sqrt = math.sqrt
     for name, idx in groups:
-        if not any(present[i] for i in idx):
+        # one pass over the group's tensors (a sampled step goes through every watched module here)
+        seen = False
+        g = a = bad = p = before = delta = 0.0
+        a = -math.inf
+        for i in idx:
+            seen = seen or bool(present[i])
+            g += grad_sq[i]
+            a = absmax[i] if absmax[i] > a or absmax[i] != absmax[i] else a
+            bad += nonfinite[i]
+            p += p_sq[i]
+            before += before_sq[i]
+            delta += delta_sq[i]
+        if not seen:
             continue
-        before = math.sqrt(sum(before_sq[i] for i in idx))
-        delta = math.sqrt(sum(delta_sq[i] for i in idx))
+        before, delta = sqrt(before), sqrt(delta)
         subjects.append((name, {
-            "grad.norm": math.sqrt(sum(grad_sq[i] for i in idx)),
-            "grad.absmax": max(absmax[i] for i in idx),
-            "grad.nonfinite": sum(nonfinite[i] for i in idx),
-            "param.norm": math.sqrt(sum(p_sq[i] for i in idx)),
+            "grad.norm": sqrt(g),
+            "grad.absmax": a,
+            "grad.nonfinite": bad,
+            "param.norm": sqrt(p),
             "param.update_ratio": delta / before if before > 0 else (0.0 if delta == 0 else float("inf")),
         }))
     return subjects

@@ -22,11 +22,14 @@ _HEADER = 6
 
 def strided_sample(t: torch.Tensor, max_values: int) -> torch.Tensor:
     """A flat view (or small copy) of at most ``max_values`` evenly spaced values of ``t``."""
-    flat = t.detach().reshape(-1)
-    n = flat.numel()
-    if n > max_values:
-        flat = flat[:: -(-n // max_values)]
-    return flat
+    t = t.detach()
+    n = t.numel()
+    if n <= max_values:
+        return t.reshape(-1)
+    step = -(-n // max_values)
+    if t.is_contiguous():  # the same values as reshape(-1)[::step], in one call instead of two
+        return t.as_strided((-(-n // step),), (step,))
+    return t.reshape(-1)[::step]
 
 
 def histogram_row(t: torch.Tensor, bins: int = HIST_BINS, max_values: int = 65536) -> torch.Tensor:

@@ -74,6 +74,7 @@ class Buffer:
         self._stage: Dict[int, torch.Tensor] = {}
         self._fill: Dict[int, int] = {}
         self._stage_rows: Optional[int] = None
+        self._slots: Dict[int, Tuple[int, Dict[int, torch.Tensor]]] = {}  # field -> (rows, first row -> view)
 
     def fits(self, parts: List[Optional[torch.Tensor]]) -> bool:
         """Whether these fields can be concatenated with the buffered ones (same sample shapes)."""
@@ -92,10 +93,11 @@ class Buffer:
                 if p is not None:
                     pending.parts[i] = self._copy(i, p, pending)
         self.batches.append(pending)
-        shapes = [None if p is None else tuple(p.shape[1:]) for p in pending.parts]
-        if self.shapes is not None:
-            shapes = [old if old is not None else new for old, new in zip(self.shapes, shapes)]
-        self.shapes = shapes
+        if self.shapes is None:
+            self.shapes = [None if p is None else tuple(p.shape[1:]) for p in pending.parts]
+        elif None in self.shapes:
+            self.shapes = [tuple(p.shape[1:]) if old is None and p is not None else old
+                           for old, p in zip(self.shapes, pending.parts)]
         self.nbytes += sum(p.numel() * p.element_size() for p in pending.parts if p is not None)
 
     def _copy(self, i: int, p: torch.Tensor, pending: Pending) -> torch.Tensor:
@@ -106,9 +108,19 @@ class Buffer:
                 return p.clone()
             stage = torch.empty((max(self._stage_rows, n),) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device)
             self._stage[i] = stage
+            self._slots.pop(i, None)
         if fill + n > stage.shape[0]:
             return p.clone()
-        view = stage[fill:fill + n]
+        # batches of one size (the usual case) land in fixed slots whose views are made once: making a view
+        # costs as much as copying a small batch
+        slots = self._slots.get(i)
+        if slots is None or slots[0] != n:
+            slots = self._slots[i] = (n, {})
+        view = slots[1].get(fill) if fill % n == 0 else None
+        if view is None:
+            view = stage.narrow(0, fill, n)
+            if fill % n == 0:
+                slots[1][fill] = view
         view.copy_(p)
         pending.staged[i] = fill
         self._fill[i] = fill + n
@@ -128,7 +140,7 @@ class Buffer:
                 return torch.cat([b.parts[i] for b in batches])  # type: ignore[misc]
             row += b.rows
         assert start is not None and row is not None
-        return self._stage[i][start:row]
+        return self._stage[i].narrow(0, start, row - start)
 
     def clear(self) -> None:
         self.batches = []
