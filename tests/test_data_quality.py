@@ -609,8 +609,9 @@ def test_no_host_sync_and_no_write_on_unsampled_steps_at_defaults(tmp_path: Any,
             else:
                 assert extra["scatter_add_"] >= 1 and extra["_local_scalar_dense"] == 0, extra
             continue
-        # the whole per-step cost: a copy of each field (x and y) into the staging buffer
-        assert extra == Counter({"detach": 2, "slice": 2, "copy_": 2}), f"step {step}: {extra}"
+        # the whole per-step cost: a copy of each field (x and y) into the staging buffer (the slot's view is
+        # made the first time the slot is used)
+        assert extra - Counter({"slice": 2}) == Counter({"detach": 2, "copy_": 2}), f"step {step}: {extra}"
         assert reads[step] == bare_reads[step] and writes[step] == bare_writes[step], f"step {step}: read or write"
     assert all(writes[s] > bare_writes[s] and reads[s] > bare_reads[s] for s in sampled)
     assert monitor._readback.copies == 2  # steps 9 and 19; the rest is read with the epoch-end reduction
