@@ -255,9 +255,10 @@ class _ActivationStatsMonitor(MonitorCallback):
     - ``nonfinite``: 1 when the output held any NaN or Inf (exact: Σy and absmax are non-finite then);
     - histograms ``monitor.act_hist/<module>`` every ``histogram_every_n_steps``.
 
-    The hooks are on the modules only during sampled steps (a module with a forward hook leaves PyTorch's
-    fast call path even when the hook returns at once); a model compiled in ``configure_model`` keeps them
-    for good, gated by one flag, since dynamo traced them. A sampled module costs three reductions over its
+    The hooks run only during sampled steps, through one global forward hook registered for the step (a
+    module with a forward hook leaves PyTorch's fast call path even when the hook returns at once; global
+    hooks run before a module's own); a model compiled in ``configure_model`` keeps per-module hooks for
+    good, gated by one flag, since dynamo traced them. A sampled module costs three reductions over its
     output (Σy, ‖y‖, aminmax) plus work on a small sample. Under DDP, one SUM and one MAX all-reduce per
     sampled step merge the ranks. The first module in forward order whose
     output went non-finite is named in the alert ``act_nonfinite``. Outputs that are tuples, lists, dicts
