@@ -23,6 +23,7 @@ from lightwatch.metrics import (
     chi2_quantile,
     chi2_sf,
     chi_squared,
+    cpu_shortcuts,
     hash_rows,
     jensen_shannon,
     kolmogorov_sf,
@@ -827,3 +828,41 @@ def test_label_agreement_finds_labels_that_depend_on_the_inputs_through_a_projec
     half[1].update(images[300:], labels[300:])
     summed = NeighbourLabelAgreement.score(half[0].sums() + half[1].sums())
     assert summed["rows"] == 600 and summed["z"] > 10
+
+
+# ------------------------------------------------------------------------------ CPU shortcuts
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_shortcuts_give_the_accelerator_paths_results_bit_for_bit(dtype: torch.dtype) -> None:
+    """Moments and Histogram count finite CPU batches without masks or searchsorted; the results are those of
+    the branch-free path an accelerator takes, bit for bit, with values on the edges and a row mask."""
+    g = torch.Generator().manual_seed(0)
+    edges = torch.sort(torch.randn(5, 9, generator=g, dtype=torch.float64), dim=1).values
+    batches = [torch.randn(300, 5, generator=g).to(dtype) * 2 for _ in range(3)]
+    batches[1][:9] = edges[:, :9].T.to(dtype)  # values on the edges (the last one closes the last bin)
+    batches.append(batches[0] + 1e6)  # far from the first shift
+    rows = torch.rand(300, generator=g) < 0.3
+    results = []
+    for shortcuts in (True, False):
+        with cpu_shortcuts(shortcuts):
+            m, h, hm = Moments(num_features=5), Histogram(edges, _trusted=True), Histogram(edges, _trusted=True)
+            for b in batches:
+                m.update(b)
+                h.update(b)
+                hm.update(b, rows=rows)
+        results.append((m.state_dict(), h.compute(), hm.compute()))
+    (m1, h1, hm1), (m2, h2, hm2) = results
+    assert m1 == m2
+    for key in h1:
+        assert torch.equal(h1[key], h2[key]) and torch.equal(hm1[key], hm2[key]), key
+    assert int(hm1["total"][0]) == 4 * int(rows.sum())
+
+
+def test_a_batch_with_non_finite_values_takes_the_masked_path_on_the_cpu_too() -> None:
+    x = torch.tensor([[1.0, float("nan")], [float("inf"), 2.0], [3.0, 4.0]])
+    m, h = Moments(num_features=2), Histogram([0.0, 2.0, 4.0], num_features=2)
+    m.update(x)
+    h.update(x)
+    out = m.compute()
+    assert out["nan_count"].tolist() == [0, 1] and out["posinf_count"].tolist() == [1, 0]
+    assert out["min"].tolist() == [1.0, 2.0] and out["max"].tolist() == [3.0, 4.0]
+    assert h.compute()["nan_count"].tolist() == [0, 1] and h.compute()["overflow"].tolist() == [1, 0]

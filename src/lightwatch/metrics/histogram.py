@@ -71,9 +71,9 @@ class Histogram(ReducibleStatistic):
     edge). Values below ``e_0`` (including ``-inf``) are underflow, above ``e_B`` (including ``+inf``)
     overflow, and NaNs are counted apart. Counting uses ``searchsorted`` and ``scatter_add_`` on the
     input's device, so ``update`` never syncs with an accelerator; on the CPU a batch of finite values is
-    counted with one comparison per edge instead (same counts, several times faster). Edges are frozen at construction: given,
-    :meth:`from_range`, :meth:`from_quantiles` of reference data, or :meth:`empty_like` of a reference
-    histogram (e.g. one rebuilt with :meth:`from_state_dict` from a saved profile).
+    counted with one comparison per edge instead (same counts, several times faster). Edges are frozen at
+    construction: given, :meth:`from_range`, :meth:`from_quantiles` of reference data, or :meth:`empty_like`
+    of a reference histogram (e.g. one rebuilt with :meth:`from_state_dict` from a saved profile).
 
     Args:
         edges: ``[B + 1]`` edges shared by all features or ``[F, B + 1]`` per feature; finite, strictly

@@ -17,9 +17,9 @@ import torch
 from lightwatch.checks.data.buffers import BUFFER_BYTES, Pending, SplitState
 from lightwatch.checks.data.fields import FieldSpec, feature_matrix
 from lightwatch.core.readback import HostReadback
+from lightwatch.core.reduce import agree_max, all_reduce_flat
 from lightwatch.metrics.base import may_read_values
 from lightwatch.metrics.hashing import hash_rows
-from lightwatch.core.reduce import agree_max, all_reduce_flat
 
 __all__ = ["BatchCounters", "HIST_VALUES_PER_SAMPLE"]
 
@@ -218,10 +218,11 @@ class BatchCounters:
         always built: branching on the data there would be a host sync.
         """
         rng = self._ranges.get(s.name)
+        if x.numel() == 0:
+            return None, None
         if may_read_values(x) and x.dtype != torch.bool:
             # A finite sum means every value is finite; an overflowing sum only sends the chunk the long way.
-            total = x.sum(dtype=torch.float32) if s.floating and x.element_size() < 4 else x.sum()
-            if not s.floating or bool(torch.isfinite(total)):
+            if not s.floating or bool(torch.isfinite(x.sum(dtype=torch.float32) if x.element_size() < 4 else x.sum())):
                 if rng is None:
                     return None, None
                 dims = s.sum_dims if s.sum_dims is not None else tuple(range(x.dim()))
