@@ -347,6 +347,29 @@ def test_wide_fields_histogram_a_content_chosen_share_and_drift_takes_the_sample
     assert drifted and drifted[0]["subject"].startswith("val/x."), drifted
 
 
+def test_staging_buffer_reuses_its_slots_and_clones_fields_whose_shape_varies() -> None:
+    """Fixed-shape batches land in one staging tensor (the fold reads a view, not a concatenation); a field
+    padded per batch to another length is cloned from then on, instead of a new staging tensor per batch
+    (which made the process's memory grow on a BERT run with dynamic padding)."""
+    from lightwatch.checks.data.buffers import Buffer, Pending
+
+    buf = Buffer()
+    for marker in range(3):
+        buf.add(Pending([torch.full((4, 2), float(marker)), torch.arange(4)], marker, 4, None), copy=True)
+    x = buf.joined(0, buf.batches)
+    assert x.shape == (12, 2) and x._base is not None and x.sum().item() == 2 * 4 * (0 + 1 + 2)
+    first = buf.batches[0].parts[0]
+    buf.clear()
+    buf.add(Pending([torch.ones(4, 2), torch.arange(4)], 3, 4, None), copy=True)
+    assert buf.batches[0].parts[0].data_ptr() == first.data_ptr()  # the same slot, reused
+    buf.clear()
+    for marker, length in enumerate((5, 7, 3)):  # a sequence field padded per batch
+        buf.add(Pending([torch.ones(4, length), torch.arange(4)], marker, 4, None), copy=True)
+        assert buf.batches[-1].parts[0].shape == (4, length)
+        buf.clear()
+    assert 0 not in buf._stage and 1 in buf._stage  # field 0 is cloned now, field 1 still staged
+
+
 def test_regression_targets_are_numeric_fields(tmp_path: Any) -> None:
     class Regressor(Classifier):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -53,8 +53,8 @@ class Buffer:
 
     The copies go into one staging tensor per field, allocated once and reused fold after fold, row after
     row: the buffered batches of a field are then already one tensor (:meth:`joined` is a view, not a
-    concatenation), and no step allocates memory of the batch's size. A batch whose sample shape, dtype or
-    device does not match its field's staging tensor is cloned instead.
+    concatenation), and no step allocates memory of the batch's size. A field whose sample shape, dtype or
+    device changes (sequences padded per batch) is cloned instead, batch by batch, from then on.
 
     Example:
         >>> import torch
@@ -75,6 +75,7 @@ class Buffer:
         self._fill: Dict[int, int] = {}
         self._stage_rows: Optional[int] = None
         self._slots: Dict[int, Tuple[int, Dict[int, torch.Tensor]]] = {}  # field -> (rows, first row -> view)
+        self._variable: Set[int] = set()  # fields whose sample shape varies: cloned, not staged
 
     def fits(self, parts: List[Optional[torch.Tensor]]) -> bool:
         """Whether these fields can be concatenated with the buffered ones (same sample shapes)."""
@@ -101,14 +102,21 @@ class Buffer:
         self.nbytes += sum(p.numel() * p.element_size() for p in pending.parts if p is not None)
 
     def _copy(self, i: int, p: torch.Tensor, pending: Pending) -> torch.Tensor:
+        if i in self._variable:
+            return p.clone()
         stage, fill, n = self._stage.get(i), self._fill.get(i, 0), p.shape[0]
         assert self._stage_rows is not None
-        if stage is None or stage.shape[1:] != p.shape[1:] or stage.dtype != p.dtype or stage.device != p.device:
-            if fill:  # rows of this field are waiting in the old staging tensor
-                return p.clone()
+        if stage is not None and (stage.shape[1:] != p.shape[1:] or stage.dtype != p.dtype or stage.device != p.device):
+            # A field whose sample shape varies (sequences padded per batch) would need a new staging tensor
+            # for every batch; its batches are cloned from now on (rows still waiting in the old staging
+            # tensor keep it alive until the fold).
+            self._variable.add(i)
+            del self._stage[i]
+            self._slots.pop(i, None)
+            return p.clone()
+        if stage is None:
             stage = torch.empty((max(self._stage_rows, n),) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device)
             self._stage[i] = stage
-            self._slots.pop(i, None)
         if fill + n > stage.shape[0]:
             return p.clone()
         # batches of one size (the usual case) land in fixed slots whose views are made once: making a view
