@@ -127,8 +127,7 @@ class _StepSums:
         n = y.numel()
         if n == 0:
             return
-        if self.rows is None or self.rows.device != y.device:
-            self.buffers(y.device)
+        self.buffers(y.device)
         if self.order[i] < 0:
             self.order[i] = self.calls
             self.calls += 1
@@ -347,7 +346,6 @@ class _ActivationStatsMonitor(MonitorCallback):
         self._handles: List[Any] = []
         self._hooks: List[Tuple[nn.Module, Callable[..., None]]] = []
         self._hook_of: Dict[int, Callable[..., None]] = {}
-        self._act_tags: Dict[Tuple[str, str], str] = {}
         self._step_hook: Any = None
         self._persistent_hooks = True  # until fit start decides (see `on_fit_start`)
         self._active = False
@@ -524,13 +522,6 @@ class _ActivationStatsMonitor(MonitorCallback):
         return self._units
 
     # --------------------------------------------------------------------------- host side
-    def _tag(self, name: str, stat: str) -> str:
-        # a sampled step writes every kept module's five to seven values: their tags are built once
-        tag = self._act_tags.get((name, stat))
-        if tag is None:
-            tag = self._act_tags[(name, stat)] = self.writer.tag("act", name, stat)
-        return tag
-
     def _publish(self, trainer: Any, pl_module: Any) -> None:
         with gc_paused():  # a few objects per module and scalar: see lightwatch.core.gc_pause
             for values, (step, order, hist_mask) in self._readback.collect():
@@ -570,7 +561,8 @@ class _ActivationStatsMonitor(MonitorCallback):
 
         flagged = [name for name, row in stats if row["nonfinite"] > 0]
         keep = set(top_k_subjects([n for n, _ in stats], [r["absmax"] for _, r in stats], self.top_k, flagged))
-        scalars = {self._tag(name, stat): v for name, row in stats if name in keep for stat, v in row.items()}
+        scalars = {self.writer.tag("act", name, stat): v for name, row in stats if name in keep
+                   for stat, v in row.items()}
         # the readings the diagnoses judge (over every watched module, not only the written ones), so their
         # healthy range can be read back from any run
         for check in (self._dead, self._saturated, self._growth):

@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["GradientStatsMonitor"]
 
+# the keys of `group_stats`' rows, split once into the family and the stat of their tags
+_STAT_KEYS = [(k, *k.split(".")) for k in ("grad.norm", "grad.absmax", "grad.nonfinite", "param.norm",
+                                            "param.update_ratio")]
+
 _GROUPINGS = ("parameter", "module")
 _WEIGHT_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 # The per-step norms of one interval live in a device ring of this many entries at most: with a longer interval
@@ -134,7 +138,6 @@ class _GradientStatsMonitor(MonitorCallback):
         self._params: List[torch.nn.Parameter] = []
         self._all_params: List[torch.nn.Parameter] = []
         self._groups: List[Tuple[str, List[int]]] = []
-        self._subject_tags: Dict[str, List[Tuple[str, str]]] = {}
         self._sharded = False
         self._ring: Optional[torch.Tensor] = None
         self._stats_step: Optional[int] = None
@@ -327,13 +330,9 @@ class _GradientStatsMonitor(MonitorCallback):
         for name, stats in subjects:
             if name not in keep:
                 continue
-            tags = self._subject_tags.get(name)
-            if tags is None:  # built once per subject: a sampled step writes every kept subject's five values
-                tags = self._subject_tags[name] = [
-                    (key, self.writer.tag(key.split(".")[0], name, key.split(".")[1]))
-                    for key in stats if self.track_update_ratio or not key.endswith("update_ratio")]
-            for key, tag in tags:
-                scalars[tag] = stats[key]
+            for key, family, stat in _STAT_KEYS:  # the writer keeps each tag it has built
+                if stat != "update_ratio" or self.track_update_ratio:
+                    scalars[self.writer.tag(family, name, stat)] = stats[key]
         # the readings the diagnoses judge, so their healthy range can be read back from any run
         moves = checks.update_ratios(self._matrices, present, before_sq, delta_sq) if self.track_update_ratio else []
         overall = checks.overall_update_ratio(moves, before_sq, delta_sq) if step > 0 else None

@@ -263,7 +263,7 @@ def group_stats(groups: Sequence[Tuple[str, List[int]]], grad_sq: Sequence[float
     for name, idx in groups:
         # one pass over the group's tensors (a sampled step goes through every watched module here)
         seen = False
-        g = a = bad = p = before = delta = 0.0
+        g = bad = p = before = delta = 0.0
         a = -math.inf
         for i in idx:
             seen = seen or bool(present[i])

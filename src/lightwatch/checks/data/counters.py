@@ -222,7 +222,8 @@ class BatchCounters:
             return None, None
         if may_read_values(x) and x.dtype != torch.bool:
             # A finite sum means every value is finite; an overflowing sum only sends the chunk the long way.
-            if not s.floating or bool(torch.isfinite(x.sum(dtype=torch.float32) if x.element_size() < 4 else x.sum())):
+            total = (x.sum(dtype=torch.float32) if x.element_size() < 4 else x.sum()) if s.floating else None
+            if total is None or bool(torch.isfinite(total)):
                 if rng is None:
                     return None, None
                 dims = s.sum_dims if s.sum_dims is not None else tuple(range(x.dim()))
