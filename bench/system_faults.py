@@ -121,12 +121,12 @@ def run_case(fam: str, fault: str, seed: int, steps: int, every: int) -> Dict[st
         if os.path.exists(path):
             alerts = [json.loads(line) for line in open(path)]
     rules = sorted({f"{a['rule']}({a['severity']})" for a in alerts})
-    slope, t = monitor.rss_growth.last_trend or (0.0, 0.0)
+    slope, t = monitor.host_memory_growth.last_trend or (0.0, 0.0)
     baseline = monitor.regression.baseline
     return {"family": fam, "fault": fault, "seed": seed, "rules": rules, "wall_s": round(wall, 1),
             "max_data_share": round(monitor.max_data_share, 3),
             "step_time_ratio": None if not baseline else round(monitor.max_step_time / baseline, 2),
-            "rss_mib_per_step": round(slope / 2 ** 20, 3), "rss_t": round(t, 1),
+            "in_use_mib_per_step": round(slope / 2 ** 20, 3), "in_use_t": round(t, 1),
             "first_alert": {a["rule"]: a["message"] for a in alerts}}
 
 
@@ -160,7 +160,8 @@ def main() -> None:
                 rows.append(row)
                 print(f"{fam:12s} {fault:12s} seed {seed}  {','.join(row['rules']) or '-':45s} "
                       f"share {row['max_data_share']:.2f}  ratio {row['step_time_ratio']}  "
-                      f"rss {row['rss_mib_per_step']:.3f} MiB/step t={row['rss_t']}  ({row['wall_s']} s)", flush=True)
+                      f"in use {row['in_use_mib_per_step']:.3f} MiB/step t={row['in_use_t']}  ({row['wall_s']} s)",
+                      flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(rows, fh, indent=1)

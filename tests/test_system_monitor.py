@@ -15,6 +15,7 @@ from torch.utils.data.dataloader import default_collate
 from conftest import Classifier, make_loader, make_trainer, read_alerts, read_events, scalars
 from lightwatch.callbacks import SystemMonitor
 from lightwatch.checks.system import MemoryGrowthCheck, StepTimeRegressionCheck, StragglerCheck
+from lightwatch.core.system_stats import SystemReader
 from test_step_budget import SYNC_OPS, run as run_counted
 
 pytest.importorskip("psutil")
@@ -66,6 +67,24 @@ def rules(tmp_path: Any) -> List[str]:
     return sorted({a["rule"] for a in read_alerts(str(tmp_path))})
 
 
+def test_memory_in_use_counts_kept_tensors_and_not_the_holes_freed_between_them() -> None:
+    reader = SystemReader(torch.device("cpu"))
+    if not reader.heap_known:
+        pytest.skip("glibc only: mallinfo2")
+    before = SystemReader.memory_in_use(reader.read())
+    # 100 KiB tensors come from malloc's heap; freeing every other one leaves holes that stay resident
+    tensors = [torch.ones(25_600) for _ in range(400)]
+    kept = tensors[::2]
+    del tensors
+    kept_bytes = sum(t.numel() * t.element_size() for t in kept)
+    stats = reader.read()
+    grown = SystemReader.memory_in_use(stats) - before
+    assert 0.95 * kept_bytes <= grown <= 1.1 * kept_bytes, (grown, kept_bytes)
+    assert stats["heap_free_bytes"] >= 0.5 * kept_bytes  # the holes: freed, kept by malloc
+    del kept
+    assert abs(SystemReader.memory_in_use(reader.read()) - before) < 0.05 * kept_bytes
+
+
 @pytest.mark.parametrize("slow", [True, False])
 def test_input_bound_loader_is_named_and_its_healthy_twin_is_quiet(tmp_path: Any, slow: bool) -> None:
     data = make_loader(n=640)
@@ -101,9 +120,9 @@ def test_memory_leak_is_named_with_its_projected_oom_step(tmp_path: Any, leak: b
     monitor = fit(tmp_path, model, loader, steps=45, every=3, memory_warmup_steps=2, memory_window=10)
     found = [a for a in read_alerts(str(tmp_path)) if a["rule"] == "memory_growth"]
     if leak:
-        assert found, monitor.rss_growth.last_trend
+        assert found, monitor.host_memory_growth.last_trend
         alert = found[0]
-        assert alert["subject"] == "process RSS" and alert["value"] > 2 ** 19  # bytes a step
+        assert alert["subject"] == "process memory in use" and alert["value"] > 2 ** 19  # bytes a step
         # the projected out-of-memory step; a warning when it falls within 1000x the steps done (this machine's
         # free memory decides which)
         assert alert["threshold"] > alert["step"]

@@ -23,9 +23,9 @@ __all__ = ["SystemMonitor"]
 logger = logging.getLogger("lightwatch")
 
 # What each rank sends at a logged step, in this order: one all_gather of this many floats.
-_GATHERED = ("own_seconds", "step_seconds", "data_wait_seconds", "cpu_seconds", "rss_bytes",
+_GATHERED = ("own_seconds", "step_seconds", "data_wait_seconds", "cpu_seconds", "in_use_bytes",
              "host_available_bytes", "cuda_allocated_bytes", "cuda_available_bytes")
-_OWN, _STEP, _WAIT, _CPU, _RSS, _HOST_FREE, _CUDA, _CUDA_FREE = range(len(_GATHERED))
+_OWN, _STEP, _WAIT, _CPU, _IN_USE, _HOST_FREE, _CUDA, _CUDA_FREE = range(len(_GATHERED))
 
 
 def _batch_size(batch: Any, depth: int = 0) -> Tuple[int, int]:
@@ -60,6 +60,8 @@ class _SystemMonitor(MonitorCallback):
       events around the logged step, read at its end);
     - ``throughput/samples_per_second`` and ``throughput/tokens_per_second`` (integer ``(batch, seq)`` inputs);
     - ``process/rss_bytes``, ``process/cpu_percent``, ``host/available_bytes`` (``psutil``);
+      ``process/python_blocks`` (blocks of Python's object allocator in use); with glibc
+      ``process/heap_in_use_bytes`` and ``process/heap_free_bytes`` (malloc's bytes in use, and freed but kept);
       ``cuda/allocated_bytes``, ``cuda/reserved_bytes``, ``cuda/peak_bytes`` and, with ``nvidia-ml-py``,
       ``gpu/utilization_percent``, ``gpu/temperature_celsius``, ``gpu/power_watts``;
     - under DDP, ``ranks/own_seconds_max`` and ``ranks/own_seconds_median``.
@@ -68,8 +70,10 @@ class _SystemMonitor(MonitorCallback):
     steps, and one ``all_gather_object`` of host names at the start of fit), so every rank judges the same
     numbers and names the straggler by rank and host.
 
-    Diagnoses (see :mod:`lightwatch.checks.system`): ``input_bound``, ``memory_growth`` (process RSS, and CUDA
-    memory on a GPU), ``step_time_regression``, ``straggler_rank``.
+    Diagnoses (see :mod:`lightwatch.checks.system`): ``input_bound``, ``memory_growth`` (the process's memory in
+    use, :meth:`SystemReader.memory_in_use <lightwatch.core.system_stats.SystemReader.memory_in_use>`: malloc's
+    and Python's bytes in use where glibc tells them, else RSS; and CUDA memory allocated on a GPU),
+    ``step_time_regression``, ``straggler_rank``.
 
     Args:
         every_n_steps: logging interval; ``None`` follows ``Trainer(log_every_n_steps)``.
@@ -125,7 +129,7 @@ class _SystemMonitor(MonitorCallback):
         self.set_skip_diagnoses(skip_diagnoses)
         self.input_bound = InputBoundCheck(input_bound_share, input_bound_min_wait_seconds, patience)
         window = int(memory_window)
-        self.rss_growth = MemoryGrowthCheck(memory_warmup_steps, window, min(8, window))
+        self.host_memory_growth = MemoryGrowthCheck(memory_warmup_steps, window, min(8, window))
         self.cuda_growth = MemoryGrowthCheck(memory_warmup_steps, window, min(8, window))
         self.regression = StepTimeRegressionCheck(regression_factor, patience)
         self.straggler = StragglerCheck(straggler_factor, straggler_min_gap_seconds, patience)
@@ -146,6 +150,13 @@ class _SystemMonitor(MonitorCallback):
         return state
 
     # ------------------------------------------------------------------------------------------ fit
+    @property
+    def memory_subject(self) -> str:
+        """What ``memory_growth`` judges on the host (its alerts' subject)."""
+        if self.reader is not None and self.reader.heap_known:
+            return "process memory in use"
+        return "process RSS"
+
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         device = getattr(pl_module, "device", torch.device("cpu"))
         self.reader = SystemReader(torch.device(device))
@@ -211,7 +222,7 @@ class _SystemMonitor(MonitorCallback):
         stats = self.reader.read() if self.reader is not None else {}
         step = int(getattr(trainer, "global_step", 0))
         mine = [timing.own_time, timing.step_time, timing.data_wait / timing.steps, timing.cpu / timing.steps,
-                stats.get("rss_bytes", math.nan),
+                SystemReader.memory_in_use(stats),
                 stats.get("host_available_bytes", math.nan), stats.get("cuda_allocated_bytes", math.nan),
                 stats.get("device_total_bytes", math.nan) - stats.get("cuda_reserved_bytes", math.nan)]
         ranks = self._gather(mine)
@@ -248,7 +259,9 @@ class _SystemMonitor(MonitorCallback):
             values[tag("system", "throughput", "samples_per_second")] = timing.samples / busy
         if timing.tokens and busy > 0:
             values[tag("system", "throughput", "tokens_per_second")] = timing.tokens / busy
-        names = {"rss_bytes": ("process", "rss_bytes"), "cpu_percent": ("process", "cpu_percent"),
+        names = {"rss_bytes": ("process", "rss_bytes"), "heap_free_bytes": ("process", "heap_free_bytes"),
+                 "heap_in_use_bytes": ("process", "heap_in_use_bytes"), "python_blocks": ("process", "python_blocks"),
+                 "cpu_percent": ("process", "cpu_percent"),
                  "host_available_bytes": ("host", "available_bytes"),
                  "cuda_allocated_bytes": ("cuda", "allocated_bytes"), "cuda_reserved_bytes": ("cuda", "reserved_bytes"),
                  "cuda_peak_bytes": ("cuda", "peak_bytes"),
@@ -277,10 +290,10 @@ class _SystemMonitor(MonitorCallback):
             slowest = max(ranks, key=lambda r: r[_STEP])
             findings.append(self.regression.observe(step, slowest[_STEP], slowest[_CPU]))
         if "memory_growth" not in self.skip_diagnoses:
-            if all(math.isfinite(r[_RSS]) for r in ranks):
-                findings.append(self.rss_growth.observe(step, max(r[_RSS] for r in ranks),
+            if all(math.isfinite(r[_IN_USE]) for r in ranks):
+                findings.append(self.host_memory_growth.observe(step, max(r[_IN_USE] for r in ranks),
                                                         min(r[_HOST_FREE] for r in ranks), self.planned_last_step,
-                                                        "process RSS"))
+                                                        self.memory_subject))
             if all(math.isfinite(r[_CUDA]) for r in ranks):
                 findings.append(self.cuda_growth.observe(step, max(r[_CUDA] for r in ranks),
                                                          min(r[_CUDA_FREE] for r in ranks), self.planned_last_step,
