@@ -64,6 +64,53 @@ def test_values_match_direct_computation(tmp_path: Any, seed: int) -> None:
     assert sorted(scalars(acc, "monitor.act/net.0/mean")) == [0, 4, 9]
 
 
+class SharedAndHalf(Classifier):
+    """One Linear applied twice per step (a shared layer) and a branch whose output is bfloat16."""
+
+    def __init__(self) -> None:
+        super().__init__(in_features=8, hidden=16, depth=1)
+        self.shared = nn.Linear(8, 8)
+        self.low = nn.Linear(8, 8).to(torch.bfloat16)
+        self.calls: Dict[str, List[torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.shared(x)
+        second = self.shared(torch.tanh(first))
+        branch = self.low(x.to(torch.bfloat16)).float()
+        for name, y in (("shared", first), ("shared", second), ("low", branch)):
+            self.calls.setdefault(name, []).append(y.detach().clone())
+        return self.net(second + branch)
+
+
+def test_a_shared_layer_merges_its_calls_and_low_precision_outputs_are_read(tmp_path: Any, seed: int) -> None:
+    model = SharedAndHalf()
+    monitor = ActivationStatsMonitor(every_n_steps=3, histogram_every_n_steps=0, include=["shared", "low"])
+    recorder = _StepCalls(model)
+    trainer = make_trainer(tmp_path, [monitor, recorder], max_steps=6, log_every_n_steps=3)
+    trainer.fit(model, make_loader())
+    acc = read_events(trainer.log_dir)
+    for step in (0, 2, 5):
+        both = torch.cat([y.reshape(-1) for y in recorder.outputs[step]["shared"]])  # the two calls together
+        assert scalars(acc, "monitor.act/shared/mean")[step] == pytest.approx(both.mean().item(), abs=1e-6)
+        assert scalars(acc, "monitor.act/shared/std")[step] == pytest.approx(both.std(unbiased=False).item(), rel=1e-4)
+        assert scalars(acc, "monitor.act/shared/absmax")[step] == pytest.approx(both.abs().max().item(), rel=1e-6)
+        assert scalars(acc, "monitor.act/shared/zero_frac")[step] == 0.0
+        (low,) = recorder.outputs[step]["low"]
+        assert scalars(acc, "monitor.act/low/absmax")[step] == pytest.approx(low.abs().max().item(), rel=1e-6)
+        assert scalars(acc, "monitor.act/low/mean")[step] == pytest.approx(low.mean().item(), abs=1e-5)
+
+
+class _StepCalls(pl.Callback):
+    """The outputs ``SharedAndHalf`` kept, by step."""
+
+    def __init__(self, model: SharedAndHalf) -> None:
+        self.model = model
+        self.outputs: Dict[int, Dict[str, List[torch.Tensor]]] = {}
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        self.model.calls = self.outputs[trainer.fit_loop.epoch_loop._batches_that_stepped] = {}
+
+
 def test_dead_units_and_saturation(tmp_path: Any, seed: int) -> None:
     model = Classifier(depth=1, hidden=8, activation="relu")
     with torch.no_grad():  # units 0..3 can never fire: zero weights, negative bias

@@ -138,6 +138,7 @@ class _GradientStatsMonitor(MonitorCallback):
         self._params: List[torch.nn.Parameter] = []
         self._all_params: List[torch.nn.Parameter] = []
         self._groups: List[Tuple[str, List[int]]] = []
+        self._tags_of: Dict[str, List[Tuple[str, str]]] = {}  # subject -> its (tag, statistic) pairs
         self._sharded = False
         self._ring: Optional[torch.Tensor] = None
         self._stats_step: Optional[int] = None
@@ -327,12 +328,16 @@ class _GradientStatsMonitor(MonitorCallback):
             norm_max, nonfinite_steps = ring_summary(ring)
             scalars[self.writer.tag("grad", "_total", "norm_max")] = norm_max
             scalars[self.writer.tag("grad", "_total", "nonfinite_steps")] = nonfinite_steps
+        tags_of = self._tags_of
         for name, stats in subjects:
             if name not in keep:
                 continue
-            for key, family, stat in _STAT_KEYS:  # the writer keeps each tag it has built
-                if stat != "update_ratio" or self.track_update_ratio:
-                    scalars[self.writer.tag(family, name, stat)] = stats[key]
+            pairs = tags_of.get(name)
+            if pairs is None:  # a subject's (tag, statistic) pairs, built at its first write
+                pairs = tags_of[name] = [(self.writer.tag(family, name, stat), key) for key, family, stat in _STAT_KEYS
+                                         if stat != "update_ratio" or self.track_update_ratio]
+            for tag, key in pairs:
+                scalars[tag] = stats[key]
         # the readings the diagnoses judge, so their healthy range can be read back from any run
         moves = checks.update_ratios(self._matrices, present, before_sq, delta_sq) if self.track_update_ratio else []
         overall = checks.overall_update_ratio(moves, before_sq, delta_sq) if step > 0 else None

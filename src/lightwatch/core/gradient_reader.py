@@ -221,10 +221,20 @@ class GradientReader:
                 values = torch._foreach_max(torch._foreach_abs([grads[i] for i in group]))
                 absmax.index_copy_(0, torch.tensor(group, device=device), torch.stack(values).float())
                 start, held = end, 0
-        for j, g in enumerate(grads):
-            if g.numel() > _SMALL:
-                lo, hi = torch.aminmax(g)
-                absmax[j] = torch.maximum(lo.float().neg(), hi.float())
+        large = [j for j, g in enumerate(grads) if g.numel() > _SMALL]
+        if large:
+            # one aminmax each, written into one buffer (out=: no result tensors, no per-tensor assignment)
+            bounds = torch.empty(len(large), 2, dtype=torch.float32, device=device)
+            for row, j in zip(bounds, large):
+                g = grads[j]
+                if g.dtype == torch.float32:
+                    torch.aminmax(g, out=(row[0], row[1]))
+                else:  # out= must match the input's dtype
+                    lo, hi = torch.aminmax(g)
+                    row[0].copy_(lo)
+                    row[1].copy_(hi)
+            # NaN propagates through maximum: a non-finite gradient keeps a non-finite absmax
+            absmax.index_copy_(0, torch.tensor(large, device=device), torch.maximum(bounds[:, 0].neg(), bounds[:, 1]))
         return absmax
 
     def _index(self, present: List[int], device: torch.device) -> torch.Tensor:

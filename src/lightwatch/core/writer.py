@@ -40,6 +40,18 @@ def _tensorboard_fast_path(lg: Any) -> Any:
         return None
 
 
+def _callback_metrics(trainer: Any) -> Any:
+    """The dict behind ``trainer.callback_metrics``.
+
+    The public property first merges every value logged in the current step into that dict (~80 us a call
+    in a training step, five calls a sampled step with the default policy); the dict it returns is the
+    logger connector's own, so writing into it directly is the same write. Falls back to the property.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    metrics = getattr(connector, "_callback_metrics", None)
+    return metrics if isinstance(metrics, dict) else getattr(trainer, "callback_metrics", None)
+
+
 class MonitorWriter:
     """Writes a callback's statistics under ``<prefix>.<family>/<subject>/<stat>``.
 
@@ -80,7 +92,7 @@ class MonitorWriter:
             return
         self.scalar_writes += 1
         as_tensor = torch.tensor([float(v) for v in values.values()], dtype=torch.float32)
-        callback_metrics = getattr(trainer, "callback_metrics", None)
+        callback_metrics = _callback_metrics(trainer)
         if isinstance(callback_metrics, dict):
             callback_metrics.update(zip(values.keys(), as_tensor.unbind(0)))
         if not is_global_zero(trainer):
@@ -94,12 +106,14 @@ class MonitorWriter:
 
             prefix = getattr(lg, "_prefix", "") or ""
             join = getattr(lg, "LOGGER_JOIN_CHAR", "-")
-            summary = Summary(
-                value=[
-                    Summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=float(v))
-                    for k, v in values.items()
-                ]
-            )
+            summary = Summary()
+            add = summary.value.add  # 2x cheaper than building Summary.Value objects first
+            if prefix:
+                for k, v in values.items():
+                    add(tag=f"{prefix}{join}{k}", simple_value=float(v))
+            else:
+                for k, v in values.items():
+                    add(tag=k, simple_value=float(v))
             file_writer.add_summary(summary, step)
 
     def write_histograms(self, trainer: Any, histograms: Mapping[str, HistogramData], step: int) -> None:
