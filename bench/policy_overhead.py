@@ -23,7 +23,9 @@ Reported per workload and interval: the amortized ratio (median and IQR over rou
 the same round's bare cost; the steady state covers whole sampling intervals), the measured extra per step,
 the time inside lightwatch (every Lightning hook of every lightwatch callback and every model hook lightwatch
 registers, timed with ``time.perf_counter`` by ``bench/hook_timing.py``'s ``HookClock``), per unsampled step
-(us) and per sampled step (ms), per callback and per hook, the fit-start seconds (wall time from
+(us) and per sampled step (ms), per callback and per hook, the extra CPU time of the process's other threads
+(TensorBoard's event writer serialises what the hooks hand it; from ``/proc/self/task/*/schedstat``, against
+the same round's bare run), the fit-start seconds (wall time from
 ``trainer.fit`` to the start of step 1: setup, ``on_fit_start``, the data scan, step 0) and the peak extra
 memory: the RSS high-water mark of a fresh child process per variant, which imports every variant's
 packages first and then resets the mark (``/proc/self/clear_refs``; the imports' transient peak would hide
@@ -50,6 +52,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -65,7 +68,7 @@ sys.path.insert(0, HERE)
 from hook_timing import HookClock, StepMarker, fit_start_seconds, hook_rows, instrument, policy_callbacks  # noqa: E402
 from hook_timing import timed_model_hooks  # noqa: E402
 from tables import floats, fmt, json_safe, markdown_table, mb, median_iqr, share  # noqa: E402
-from workloads import SMOKE_WORKLOADS, WORKLOADS, describe, make  # noqa: E402
+from workloads import LARGE_WORKLOADS, SMOKE_WORKLOADS, WORKLOADS, describe, make  # noqa: E402
 
 torch.set_num_threads(1)
 QUIET = ("pytorch_lightning", "lightning.pytorch", "lightning", "lightwatch", "wandb",
@@ -163,6 +166,27 @@ def _children_cpu() -> float:
     return total
 
 
+def _other_threads_cpu() -> float:
+    """CPU seconds of this process's threads other than the calling one (TensorBoard's event-writer thread, a
+    watchdog), from ``/proc/self/task/*/schedstat`` (nanoseconds); 0 where there is no ``/proc``. Hook timers
+    count the main thread only; this is where the work a hook hands to another thread shows."""
+    me = threading.get_native_id()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    total = 0
+    for tid in tids:
+        if tid == str(me):
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            pass
+    return total / 1e9
+
+
 class StepClock(pl.Callback):
     """Marks the start of every training step, and the end of the last step's ``on_train_batch_end`` (through
     :meth:`closing`, a callback placed after all others): process CPU time (+ children's) and wall time. On a
@@ -173,6 +197,7 @@ class StepClock(pl.Callback):
         self.cpu: List[float] = []
         self.wall: List[float] = []
         self.children: Dict[str, float] = {}
+        self.threads: Dict[str, float] = {}
 
     def _sync(self) -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -182,6 +207,7 @@ class StepClock(pl.Callback):
         if children is not None:
             self._sync()
             self.children[children] = _children_cpu()
+            self.threads[children] = _other_threads_cpu()
         self.cpu.append(time.process_time())
         self.wall.append(time.perf_counter())
 
@@ -254,6 +280,7 @@ def run_once(workload: str, variant: str, interval: Optional[int], steps: int, w
         "steady_s": step_cost[steps] - step_cost[warmup] + (children if accelerator == "cpu" else 0.0),
         "steady_wall_s": clock.wall[steps] - clock.wall[warmup],
         "children_cpu_s": children,
+        "threads_cpu_s": clock.threads.get("end", 0.0) - clock.threads.get("start", 0.0),
         "step_s": per_step,
         "sampled": sampled,
         "hooks": hook_rows(hooks, unsampled, sampled),
@@ -415,6 +442,8 @@ def summarise(workload: str, interval: int, names: Sequence[str],
             "sampled_step_extra_ms": median_iqr(sampled_extra)[0],
             "sampled_steps_per_run": len(runs[0]["sampled"]),
             "children_cpu_s": median_iqr(r["children_cpu_s"] for r in runs)[0],
+            "threads_extra_ms_per_step": median_iqr((r.get("threads_cpu_s", 0.0) - b.get("threads_cpu_s", 0.0))
+                                                    / measured * 1e3 for r, b in pairs)[0],
             "fit_start_s": fit, "fit_start_extra_s": fit - bare_fit,
             "fit_start_inside_s": median_iqr(r["fit_start_inside_s"] for r in runs)[0],
             "end_inside_ms": median_iqr(r["once_s"] * 1e3 for r in runs)[0],
@@ -437,13 +466,14 @@ def markdown(workload: str, interval: int, records: List[Dict[str, Any]], clock:
               f"{mb(bare['state_bytes'])} MB; {bare['rounds']} rounds."
               + (f" Every run failed for: {', '.join(failed)}." if failed else ""), ""]
     headers = ["variant", "ratio (median)", "IQR", "extra per step (ms)", "inside lightwatch per step (ms)",
-               "inside, unsampled step (us)", "inside, sampled step (ms)", "sampled-step extra (ms)",
+               "other threads, extra per step (ms)", "inside, unsampled step (us)", "inside, sampled step (ms)", "sampled-step extra (ms)",
                "fit start (s)", "epoch + fit end, inside (ms)", "peak extra (MB)", "peak extra / state"]
     rows = []
     for r in records:
         lightwatch = r["variant"] in (DEFAULT, STRICT) or r["variant"].startswith(SINGLE)
         rows.append([r["variant"], fmt(r["ratio_median"]), fmt(r["ratio_iqr"]), fmt(r["extra_ms_per_step"], 2),
                      fmt(r["inside_ms_per_step"], 2) if lightwatch else "-",
+                     fmt(r.get("threads_extra_ms_per_step"), 2),
                      fmt(r["unsampled_inside_us"], 1) if lightwatch else "-",
                      fmt(r["sampled_inside_ms"], 2) if lightwatch else "-",
                      fmt(r["sampled_step_extra_ms"], 2), fmt(r["fit_start_s"], 2),
@@ -504,7 +534,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def _main(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    every = {**WORKLOADS, **SMOKE_WORKLOADS}
+    every = {**WORKLOADS, **LARGE_WORKLOADS, **SMOKE_WORKLOADS}
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(every))
     ap.add_argument("--intervals", nargs="+", type=int, default=[10, 50])
     ap.add_argument("--rounds", type=int, default=2)

@@ -1,7 +1,7 @@
 """The reference workloads of the overhead benchmark: synthetic data, no I/O, plain LightningModules."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -74,6 +74,15 @@ class ResidualStack(nn.Module):
         return self.head(x)
 
 
+def wide_mlp(depth: int = 6, width: int = 4096) -> nn.Module:
+    """About 100M parameters (1.2 GB with AdamW's state): where the memory lightwatch adds is judged against
+    the model's, past the fixed costs that dominate on the small reference workloads."""
+    layers: List[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
 def tiny_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
 
@@ -101,11 +110,17 @@ def make(name: str, steps: int) -> Tuple[Callable[[], pl.LightningModule], DataL
         batch = 32
         x, y = torch.randn(steps * batch, 64, generator=g), torch.randint(0, 10, (steps * batch,), generator=g)
         return (lambda: Task(ResidualStack())), _loader(x, y, batch)
+    if name == "wide":
+        batch = 16
+        x = torch.randn(steps * batch, 4096, generator=g)
+        y = torch.randint(0, 10, (steps * batch,), generator=g)
+        return (lambda: Task(wide_mlp())), _loader(x, y, batch)
     if name == "tiny":
         batch = 8
         x, y = torch.randn(steps * batch, 16, generator=g), torch.randint(0, 10, (steps * batch,), generator=g)
         return (lambda: Task(tiny_mlp())), _loader(x, y, batch)
-    raise ValueError(f"unknown workload {name!r}; use one of {', '.join(list(WORKLOADS) + list(SMOKE_WORKLOADS))}")
+    raise ValueError(f"unknown workload {name!r}; use one of "
+                     f"{', '.join(list(WORKLOADS) + list(LARGE_WORKLOADS) + list(SMOKE_WORKLOADS))}")
 
 
 WORKLOADS: Dict[str, str] = {
@@ -116,6 +131,12 @@ WORKLOADS: Dict[str, str] = {
 }
 """The reference workloads, by name: what the benchmarks run unless told otherwise."""
 
+LARGE_WORKLOADS: Dict[str, str] = {
+    "wide": "(e) wide MLP, 6 x [Linear 4096, ReLU], batch 16: 100M parameters, 1.2 GB with AdamW's state "
+            "(memory at scale; seconds a step on a CPU)",
+}
+"""Workloads for the memory measurement at scale: run on request (``--workloads wide``), not by default."""
+
 SMOKE_WORKLOADS: Dict[str, str] = {
     "tiny": "tiny MLP [Linear 32, ReLU, Linear 10], batch 8 (smoke tests of the benchmarks, not a reference)",
 }
@@ -123,4 +144,4 @@ SMOKE_WORKLOADS: Dict[str, str] = {
 
 def describe(name: str) -> str:
     """The one-line description of a workload, reference or smoke."""
-    return {**WORKLOADS, **SMOKE_WORKLOADS}[name]
+    return {**WORKLOADS, **LARGE_WORKLOADS, **SMOKE_WORKLOADS}[name]

@@ -9,11 +9,11 @@ import torch
 from lightwatch.core.histogram import HIST_BINS, histogram_row
 from lightwatch.core.runtime import local_tensor
 
-__all__ = ["GradientReader", "WeightSnapshot", "fused_norms", "group_stats", "ring_summary"]
+__all__ = ["GradientReader", "ShapePlan", "WeightSnapshot", "fused_norms", "group_stats", "ring_summary"]
 
-# Gradients up to this many elements get their largest magnitude from fused calls on the CPU (see
-# `GradientReader._absmax_cpu`): copying them costs less than a call each. The copies are made in groups of
-# at most _SMALL_GROUP elements, so the memory they take is bounded (1 MiB of float32) whatever the model.
+# Tensors up to this many elements are reduced on the CPU from stacks of tensors of one shape (see `ShapePlan`):
+# copying them costs less than a call each. The stacks hold at most _SMALL_GROUP elements, so the memory they
+# take is bounded (1 MiB of float32) whatever the model.
 _SMALL = 1 << 14
 _SMALL_GROUP = 1 << 18
 
@@ -30,6 +30,79 @@ def fused_norms(tensors: List[torch.Tensor], order: float = 2.0) -> torch.Tensor
     if all(t.dtype == torch.float32 for t in tensors):
         return torch.stack(torch._foreach_norm(tensors, order))
     return torch.stack(torch._foreach_norm(tensors, order, dtype=torch.float32))
+
+
+class ShapePlan:
+    """Norms (and largest magnitudes) of many tensors on the CPU, small ones stacked by shape.
+
+    On the CPU a reduction call costs a few microseconds whatever its size, and ``_foreach`` ops are a loop of
+    such calls: on a model of many small layers (773 tensors of at most 4,096 values) two reductions per
+    tensor took 4 ms. Tensors of at most ``_SMALL`` values that share a shape and dtype are copied into one
+    stack, in chunks of at most ``_SMALL_GROUP`` values (1 MiB of float32), and reduced along its rows: a
+    handful of calls per shape (1 ms there). Large tensors get one call each (their bytes dominate).
+
+    Built once for a list of tensor shapes; :meth:`reduce` takes tensors of those shapes, in that order.
+
+    Example:
+        >>> tensors = [torch.full((2, 2), 3.0), torch.ones(3), torch.full((2, 2), -4.0)]
+        >>> norms, absmax = ShapePlan(tensors).reduce(tensors, with_absmax=True)
+        >>> norms.tolist(), absmax.tolist()
+        ([6.0, 1.7320507764816284, 8.0], [3.0, 1.0, 4.0])
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.size = len(tensors)
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        groups: Dict[Tuple[Any, ...], List[int]] = {}
+        self.large: List[int] = []
+        self.empty: List[int] = []
+        for j, t in enumerate(tensors):
+            n = t.numel()
+            if n == 0:
+                self.empty.append(j)
+            elif n <= _SMALL:
+                groups.setdefault((tuple(t.shape), t.dtype), []).append(j)
+            else:
+                self.large.append(j)
+        self.chunks: List[Tuple[List[int], torch.Tensor]] = []
+        for (shape, _), members in groups.items():
+            per = max(1, _SMALL_GROUP // max(math.prod(shape), 1))
+            for start in range(0, len(members), per):
+                chunk = members[start:start + per]
+                self.chunks.append((chunk, torch.tensor(chunk, device=self.device)))
+        self.large_index = torch.tensor(self.large, device=self.device, dtype=torch.long)
+
+    def reduce(self, tensors: Sequence[torch.Tensor], with_absmax: bool = False
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(norms, absmax or None)``, float32 vectors on the tensors' device; NaN propagates to both."""
+        norms = torch.zeros(self.size, dtype=torch.float32, device=self.device)
+        absmax = torch.zeros(self.size, dtype=torch.float32, device=self.device) if with_absmax else None
+        for chunk, index in self.chunks:
+            stacked = torch.stack([tensors[j] for j in chunk]).view(len(chunk), -1)
+            float32 = stacked.dtype == torch.float32
+            norms.index_copy_(0, index, torch.linalg.vector_norm(stacked, dim=1) if float32 else
+                              torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float32))
+            if absmax is not None:
+                absmax.index_copy_(0, index, stacked.abs_().amax(dim=1).float())  # the stack is ours: in place
+        if self.large:
+            # one norm and one aminmax each, written into one buffer (out=: no result tensors to stack)
+            rows = torch.empty(len(self.large), 3, dtype=torch.float32, device=self.device)
+            for row, j in zip(rows, self.large):
+                t = tensors[j]
+                if t.dtype == torch.float32:
+                    torch.linalg.vector_norm(t, out=row[0])
+                    if absmax is not None:
+                        torch.aminmax(t, out=(row[1], row[2]))
+                else:  # out= must match the input's dtype
+                    row[0].copy_(torch.linalg.vector_norm(t, dtype=torch.float32))
+                    if absmax is not None:
+                        lo, hi = torch.aminmax(t)
+                        row[1].copy_(lo)
+                        row[2].copy_(hi)
+            norms.index_copy_(0, self.large_index, rows[:, 0])
+            if absmax is not None:
+                absmax.index_copy_(0, self.large_index, torch.maximum(rows[:, 1].neg(), rows[:, 2]))
+        return norms, absmax
 
 
 class WeightSnapshot:
@@ -104,7 +177,9 @@ class WeightSnapshot:
     def _views_of(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The kept elements of ``params`` as views, built once and reused while the parameters keep their
         storage (optimizers update in place; a moved or re-created parameter gets new views)."""
-        storages = [local_tensor(p).untyped_storage().data_ptr() for p in params]
+        # where each parameter's data starts: a moved or re-created parameter starts elsewhere (a tensor's own
+        # data_ptr costs a fraction of building its storage object, which matters on hundreds of parameters)
+        storages = [local_tensor(p).data_ptr() for p in params]
         if self._strides is None or len(self._strides) != len(params):
             self._strides = [self._stride(local_tensor(p)) for p in params]
             self._scale = self._lengths = None
@@ -173,7 +248,16 @@ class GradientReader:
         # counting non-finite values is cheap on an accelerator, where reading the norms first would stall
         self.counts_on_device = bool(self.params) and self.params[0].device.type == "cuda"
         self._index_cache: Optional[Tuple[Tuple[int, ...], torch.Tensor]] = None
+        self._plan_cache: Optional[Tuple[Tuple[int, ...], ShapePlan]] = None
 
+    def _plan(self, present: List[int], grads: Sequence[torch.Tensor]) -> "ShapePlan":
+        """The CPU reduction plan of the gradients present (cached: the same ones step after step)."""
+        key = tuple(present)
+        if self._plan_cache is None or self._plan_cache[0] != key or self._plan_cache[1].device != grads[0].device:
+            self._plan_cache = (key, ShapePlan(grads))
+        return self._plan_cache[1]
+
+    @torch.no_grad()
     def gradient_rows(self) -> torch.Tensor:
         """[4, P]: squared norm, absmax, non-finite count, present flag of each parameter's gradient."""
         device = self.params[0].device
@@ -181,13 +265,14 @@ class GradientReader:
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not present:
             return rows
-        grads = [local_tensor(self.params[i].grad.detach()) for i in present]
+        params = self.params
+        grads = [local_tensor(params[i].grad) for i in present]  # read under no_grad: no detach needed
         index = self._index(present, device)
-        norms = fused_norms(grads)
-        if device.type == "cuda":
+        if device.type == "cuda":  # fused multi-tensor kernels: a few launches whatever the count
+            norms = fused_norms(grads)
             absmax = fused_norms(grads, float("inf"))
-        else:
-            absmax = self._absmax_cpu(grads)
+        else:  # ord=inf norms are ~10x slower than one pass on the CPU, and each call costs microseconds
+            norms, absmax = self._plan(present, grads).reduce(grads, with_absmax=True)
         rows[0].index_copy_(0, index, norms.square())
         rows[1].index_copy_(0, index, absmax)
         if self.counts_on_device:
@@ -202,40 +287,6 @@ class GradientReader:
         rows[2].index_copy_(0, index, counts.to(device))
         rows[3].index_fill_(0, index, 1.0)
         return rows
-
-    def _absmax_cpu(self, grads: List[torch.Tensor]) -> torch.Tensor:
-        """Largest magnitude of each gradient off CUDA (on the CPU ord=inf norms are ~10x slower than one pass).
-
-        Large tensors: one ``aminmax`` each (no copy). Small ones (at most ``_SMALL`` elements): a fused ``abs``
-        and a fused ``max`` per group of them, since there the per-call cost of a loop dominates (768 small
-        tensors: 4.1 ms looped, 1.4 ms fused); the fused ``abs`` copies one group at a time.
-        """
-        device = grads[0].device
-        absmax = torch.zeros(len(grads), dtype=torch.float32, device=device)
-        small = [j for j, g in enumerate(grads) if 0 < g.numel() <= _SMALL]
-        start, held = 0, 0
-        for end, j in enumerate(small, 1):  # in groups of at most _SMALL_GROUP elements: a bounded copy
-            held += grads[j].numel()
-            if held >= _SMALL_GROUP or end == len(small):
-                group = small[start:end]
-                values = torch._foreach_max(torch._foreach_abs([grads[i] for i in group]))
-                absmax.index_copy_(0, torch.tensor(group, device=device), torch.stack(values).float())
-                start, held = end, 0
-        large = [j for j, g in enumerate(grads) if g.numel() > _SMALL]
-        if large:
-            # one aminmax each, written into one buffer (out=: no result tensors, no per-tensor assignment)
-            bounds = torch.empty(len(large), 2, dtype=torch.float32, device=device)
-            for row, j in zip(bounds, large):
-                g = grads[j]
-                if g.dtype == torch.float32:
-                    torch.aminmax(g, out=(row[0], row[1]))
-                else:  # out= must match the input's dtype
-                    lo, hi = torch.aminmax(g)
-                    row[0].copy_(lo)
-                    row[1].copy_(hi)
-            # NaN propagates through maximum: a non-finite gradient keeps a non-finite absmax
-            absmax.index_copy_(0, torch.tensor(large, device=device), torch.maximum(bounds[:, 0].neg(), bounds[:, 1]))
-        return absmax
 
     def _index(self, present: List[int], device: torch.device) -> torch.Tensor:
         """Index tensor of the gradients present, cached: building it is a host-to-device copy."""
