@@ -111,6 +111,44 @@ class _StepCalls(pl.Callback):
         self.model.calls = self.outputs[trainer.fit_loop.epoch_loop._batches_that_stepped] = {}
 
 
+class InPlaceStack(Classifier):
+    """Eight blocks; every second Linear's output is overwritten in place by ReLU(inplace=True)."""
+
+    def __init__(self) -> None:
+        super().__init__(in_features=8, hidden=16, depth=1)
+        layers: List[nn.Module] = []
+        for k in range(8):
+            layers += [nn.Linear(16, 16), nn.ReLU(inplace=k % 2 == 0), nn.LayerNorm(16)]
+        self.blocks = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.blocks(self.net[1](self.net[0](x))))
+
+
+def test_an_output_overwritten_in_place_later_reports_its_own_values(tmp_path: Any, seed: int) -> None:
+    """A Linear whose output a ReLU(inplace=True) overwrites reports the output it returned, at every sampled
+    step (the statistics are read when the module returns, not later)."""
+    recorder = OutputRecorder(steps=[0, 2, 5, 8])
+    monitor = ActivationStatsMonitor(every_n_steps=3, histogram_every_n_steps=0)
+    trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=10, log_every_n_steps=3)
+    trainer.fit(InPlaceStack(), make_loader())
+    acc = read_events(trainer.log_dir)
+    checked = 0
+    for step in (0, 2, 5, 8):
+        for name, y in recorder.outputs[step].items():
+            if isinstance(trainer.lightning_module.get_submodule(name), nn.ReLU):
+                continue  # an in-place ReLU's output is its input's tensor: the recorder's clone is of the input
+            assert scalars(acc, f"monitor.act/{name}/mean")[step] == pytest.approx(y.mean().item(), abs=1e-5), name
+            assert scalars(acc, f"monitor.act/{name}/std")[step] == pytest.approx(y.std(unbiased=False).item(),
+                                                                                 rel=1e-4), name
+            assert scalars(acc, f"monitor.act/{name}/absmax")[step] == pytest.approx(y.abs().max().item(),
+                                                                                    rel=1e-6), name
+            assert scalars(acc, f"monitor.act/{name}/zero_frac")[step] == pytest.approx(
+                (y == 0).float().mean().item()), name
+            checked += 1
+    assert checked >= 4 * 17
+
+
 def test_dead_units_and_saturation(tmp_path: Any, seed: int) -> None:
     model = Classifier(depth=1, hidden=8, activation="relu")
     with torch.no_grad():  # units 0..3 can never fire: zero weights, negative bias
