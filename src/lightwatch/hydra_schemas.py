@@ -212,6 +212,7 @@ class SystemConf:
     input_bound_min_wait_seconds: float = 0.01
     memory_warmup_steps: int = 3
     memory_window: int = 12
+    memory_read_share: float = 0.01
     regression_factor: float = 2.0
     straggler_factor: float = 1.5
     straggler_min_gap_seconds: float = 0.005

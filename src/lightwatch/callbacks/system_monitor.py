@@ -81,6 +81,9 @@ class _SystemMonitor(MonitorCallback):
         input_bound_min_wait_seconds: and at least this much data wait a step.
         memory_warmup_steps: logged readings skipped before judging memory growth.
         memory_window: logged readings judged for memory growth.
+        memory_read_share: the allocator's counters (what ``memory_growth`` judges, with glibc) are read at a
+            logged step only while reading them takes at most this share of the wall time since the previous
+            reading (the walk of a fragmented heap takes 3-5 ms); under DDP at every logged step.
         regression_factor: step-time slowdown against the run's own baseline.
         straggler_factor: a rank's own time against the others' median.
         straggler_min_gap_seconds: and at least this much more a step.
@@ -105,6 +108,7 @@ class _SystemMonitor(MonitorCallback):
         input_bound_min_wait_seconds: float = 0.01,
         memory_warmup_steps: int = 3,
         memory_window: int = 12,
+        memory_read_share: float = 0.01,
         regression_factor: float = 2.0,
         straggler_factor: float = 1.5,
         straggler_min_gap_seconds: float = 0.005,
@@ -122,6 +126,10 @@ class _SystemMonitor(MonitorCallback):
         for name, value in (("regression_factor", regression_factor), ("straggler_factor", straggler_factor)):
             if float(value) <= 1:
                 raise ValueError(f"{where}: {name} must be > 1 (a slowdown factor), got {value!r}.")
+        if not float(memory_read_share) > 0:
+            raise ValueError(f"{where}: memory_read_share must be > 0 (the most share of the wall time the "
+                             f"allocator readings of memory_growth may take), got {memory_read_share!r}.")
+        self.memory_read_share = float(memory_read_share)
         if int(patience) < 1 or int(memory_window) < 3:
             raise ValueError(f"{where}: patience must be >= 1 and memory_window >= 3, got {patience!r} and "
                              f"{memory_window!r}.")
@@ -159,7 +167,10 @@ class _SystemMonitor(MonitorCallback):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         device = getattr(pl_module, "device", torch.device("cpu"))
-        self.reader = SystemReader(torch.device(device))
+        # under DDP every rank reads the allocator at every logged step: ranks that skipped different steps
+        # would leave no step with every rank's reading
+        share = math.inf if distributed_ready() else self.memory_read_share
+        self.reader = SystemReader(torch.device(device), heap_share=share)
         if self.reader.missing:
             logger.info("SystemMonitor: %s not installed: the values it gives (process memory and CPU; GPU "
                         "sensors) are not read, and memory_growth watches %s. Install lightwatch[system].",
@@ -222,7 +233,7 @@ class _SystemMonitor(MonitorCallback):
         stats = self.reader.read() if self.reader is not None else {}
         step = int(getattr(trainer, "global_step", 0))
         mine = [timing.own_time, timing.step_time, timing.data_wait / timing.steps, timing.cpu / timing.steps,
-                SystemReader.memory_in_use(stats),
+                self.reader.memory_in_use(stats) if self.reader is not None else math.nan,
                 stats.get("host_available_bytes", math.nan), stats.get("cuda_allocated_bytes", math.nan),
                 stats.get("device_total_bytes", math.nan) - stats.get("cuda_reserved_bytes", math.nan)]
         ranks = self._gather(mine)

@@ -187,6 +187,8 @@ class SystemReader:
 
     Args:
         device: the module's device; CUDA memory and NVML sensors are read for a CUDA device only.
+        heap_share: the allocator counters (``heap_in_use_bytes``, ``heap_free_bytes``, ``python_blocks``) are
+            read only while that reading takes at most this share of the wall time since the previous one.
 
     Attributes:
         missing: optional packages that would give more values (``psutil``, ``nvidia-ml-py``).
@@ -199,6 +201,7 @@ class SystemReader:
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    heap_share: float = 0.01
     missing: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -209,32 +212,8 @@ class SystemReader:
         else:
             self.missing.append("psutil")
         self._mallinfo = _malloc_reader()
-
-    @property
-    def heap_known(self) -> bool:
-        """Whether :meth:`read` gives ``heap_in_use_bytes`` (glibc's ``mallinfo2``)."""
-        return self._mallinfo is not None
-
-    @staticmethod
-    def memory_in_use(stats: Dict[str, float]) -> float:
-        """The process's memory in use from :meth:`read`'s values: malloc's bytes in use plus Python's
-        small-object blocks (:data:`PYTHON_BLOCK_BYTES` each) where glibc tells them, else RSS (``nan``
-        without ``psutil``).
-
-        Why not RSS: a freed chunk stays resident until malloc can return it, so a run whose batches change
-        shape fragments the heap and RSS climbs in stairs for hundreds of steps while nothing is kept (a
-        healthy BERT run with per-batch padding: +0.3 MiB a step, 4.8% in 12 logged steps); the bytes in use
-        stay flat (at most 0.07% over any window of 140 healthy runs) and a leak reads as an exact line.
-
-        Example:
-            >>> SystemReader.memory_in_use({"rss_bytes": 5e8, "heap_in_use_bytes": 2e8, "python_blocks": 1e5})
-            206400000.0
-            >>> SystemReader.memory_in_use({"rss_bytes": 5e8})
-            500000000.0
-        """
-        if "heap_in_use_bytes" in stats:
-            return stats["heap_in_use_bytes"] + PYTHON_BLOCK_BYTES * stats.get("python_blocks", 0.0)
-        return stats.get("rss_bytes", math.nan)
+        self._heap_cost = 0.0  # seconds the last allocator reading took
+        self._heap_read_at = -math.inf  # perf_counter() of that reading
         self._nvml: Any = None
         self._nvml_handle: Any = None
         if self.device.type == "cuda":
@@ -249,9 +228,36 @@ class SystemReader:
                 except Exception:  # no driver access (containers): sensors are left out
                     self._nvml = None
 
+    @property
+    def heap_known(self) -> bool:
+        """Whether :meth:`read` gives ``heap_in_use_bytes`` (glibc's ``mallinfo2``), when the reading is due."""
+        return self._mallinfo is not None
+
+    def memory_in_use(self, stats: Dict[str, float]) -> float:
+        """The process's memory in use from :meth:`read`'s values: malloc's bytes in use plus Python's
+        small-object blocks (:data:`PYTHON_BLOCK_BYTES` each) where glibc tells them (``nan`` at a reading
+        that skipped them, see ``heap_share``), else RSS (``nan`` without ``psutil``).
+
+        Why not RSS: a freed chunk stays resident until malloc can return it, so a run whose batches change
+        shape fragments the heap and RSS climbs in stairs for hundreds of steps while nothing is kept (a
+        healthy BERT run with per-batch padding: +0.3 MiB a step, 4.8% in 12 logged steps); the bytes in use
+        stay flat (at most 0.07% over any window of 140 healthy runs) and a leak reads as an exact line.
+
+        Example:
+            >>> reader = SystemReader(torch.device("cpu"))
+            >>> used = reader.memory_in_use(reader.read())
+            >>> used > 0 or used != used  # bytes, or nan where neither glibc nor psutil tells them
+            True
+        """
+        if self._mallinfo is None:
+            return stats.get("rss_bytes", math.nan)
+        if "heap_in_use_bytes" not in stats:
+            return math.nan
+        return stats["heap_in_use_bytes"] + PYTHON_BLOCK_BYTES * stats.get("python_blocks", 0.0)
+
     def read(self) -> Dict[str, float]:
-        """``rss_bytes``, ``cpu_percent``, ``host_available_bytes``; ``python_blocks``; with glibc
-        ``heap_in_use_bytes`` and ``heap_free_bytes``; on CUDA ``cuda_allocated_bytes``,
+        """``rss_bytes``, ``cpu_percent``, ``host_available_bytes``; with glibc, when due (``heap_share``),
+        ``heap_in_use_bytes``, ``heap_free_bytes`` and ``python_blocks``; on CUDA ``cuda_allocated_bytes``,
         ``cuda_reserved_bytes``, ``cuda_peak_bytes``, ``device_total_bytes`` and, with NVML,
         ``gpu_utilization_percent``, ``gpu_temperature_celsius``, ``gpu_power_watts``."""
         out: Dict[str, float] = {}
@@ -259,12 +265,18 @@ class SystemReader:
             out["rss_bytes"] = float(self._process.memory_info().rss)
             out["cpu_percent"] = float(self._process.cpu_percent(None))
             out["host_available_bytes"] = float(self._psutil.virtual_memory().available)
-        if self._mallinfo is not None:
+        now = time.perf_counter()
+        if self._mallinfo is not None and self._heap_cost <= self.heap_share * (now - self._heap_read_at):
+            # Both walk the allocators' lists: microseconds in a fresh process, 3-5 ms in a long-running one
+            # whose heap is fragmented; taken only while they cost at most `heap_share` of the time since the
+            # previous reading (the leak check then judges the readings it has).
             info = self._mallinfo()
             # bytes malloc handed out and not freed: chunks in its arenas plus chunks mapped on their own
             out["heap_in_use_bytes"] = float(info.uordblks + info.hblkhd)
             out["heap_free_bytes"] = float(info.fordblks)
-        out["python_blocks"] = float(sys.getallocatedblocks())
+            out["python_blocks"] = float(sys.getallocatedblocks())
+            done = time.perf_counter()
+            self._heap_cost, self._heap_read_at = done - now, done
         if self.device.type == "cuda":
             # host-side allocator counters: no device sync
             out["cuda_allocated_bytes"] = float(torch.cuda.memory_allocated(self.device))
