@@ -45,8 +45,19 @@ class Faulty(Classifier):
         return super().training_step(batch, batch_idx)
 
 
+class Terminated(Exception):
+    """The launcher ended this rank: torchrun sends SIGTERM to the other ranks as soon as it sees one die,
+    which can come before this rank's next collective has failed on its own."""
+
+
+def _terminated(signum, frame):
+    raise Terminated("SIGTERM from the launcher after another rank failed")
+
+
 def main() -> None:
     out_dir, fault, side = sys.argv[1:4]
+    # either way this rank stops because another one failed: record it, rather than race the launcher
+    signal.signal(signal.SIGTERM, _terminated)
     rank = int(os.environ.get("RANK", "0"))
     ck_dir = os.path.join(out_dir, "ck")
     if fault == "disk" and rank == 0:
@@ -86,6 +97,7 @@ def main() -> None:
     try:
         trainer.fit(Faulty(fault), make_loader(n=512))
     except BaseException as exc:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the record is written before the launcher ends this rank
         result.update(error=type(exc).__name__, message=str(exc)[:800], traceback=traceback.format_exc()[-1200:])
     result["step"] = trainer.global_step
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
