@@ -55,12 +55,11 @@ class ShapePlan:
         self.device = tensors[0].device if tensors else torch.device("cpu")
         groups: Dict[Tuple[Any, ...], List[int]] = {}
         self.large: List[int] = []
-        self.empty: List[int] = []
-        for j, t in enumerate(tensors):
+        for j, t in enumerate(tensors):  # an empty tensor is in neither: its norm and absmax stay 0
             n = t.numel()
             if n == 0:
-                self.empty.append(j)
-            elif n <= _SMALL:
+                continue
+            if n <= _SMALL:
                 groups.setdefault((tuple(t.shape), t.dtype), []).append(j)
             else:
                 self.large.append(j)
