@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -91,3 +92,28 @@ def test_scalars_reach_every_logger_once_per_logged_step(tmp_path: Any, seed: in
     column = header.index("watch.grad/_total/norm")
     steps = [int(row.split(",")[header.index("step")]) for row in lines[1:] if row.split(",")[column]]
     assert steps == [4, 9]
+
+
+def test_shape_plan_matches_each_tensor_reduced_alone() -> None:
+    """Norms and largest magnitudes from stacks by shape equal the per-tensor values: many small tensors of
+    one shape (more than one stack), large ones, bfloat16, an empty tensor, and a NaN that must propagate."""
+    from lightwatch.core.gradient_reader import ShapePlan
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(64, 64, generator=g) for _ in range(70)]  # 70 x 4,096 values: two stacks
+    tensors += [torch.randn(64, generator=g) for _ in range(5)]
+    tensors += [torch.randn(300, 300, generator=g), torch.randn(128, 128, generator=g).to(torch.bfloat16)]
+    tensors += [torch.randn(300, 300, generator=g).to(torch.bfloat16), torch.empty(0), torch.randn(64, 64, generator=g)]
+    tensors[-1][3, 7] = float("nan")
+    norms, absmax = ShapePlan(tensors).reduce(tensors, with_absmax=True)
+    assert absmax is not None
+    for j, t in enumerate(tensors):
+        expected_norm = torch.linalg.vector_norm(t.float()).item() if t.numel() else 0.0
+        expected_max = t.float().abs().max().item() if t.numel() else 0.0
+        if j == len(tensors) - 1:
+            assert math.isnan(norms[j].item()) and math.isnan(absmax[j].item())
+            continue
+        assert norms[j].item() == pytest.approx(expected_norm, rel=1e-5), j
+        assert absmax[j].item() == pytest.approx(expected_max, rel=1e-6), j
+    # without absmax, the same norms
+    assert torch.equal(ShapePlan(tensors).reduce(tensors)[0][:-1], norms[:-1])
