@@ -14,8 +14,7 @@ from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.gc_pause import gc_paused
-from lightwatch.core.gradient_reader import (GradientReader, ShapePlan, WeightSnapshot, fused_norms, group_stats,
-                                             ring_summary)
+from lightwatch.core.gradient_reader import GradientReader, WeightSnapshot, fused_norms, group_stats, ring_summary
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row
 from lightwatch.core.readback import HostReadback
 from lightwatch.core.reduce import all_reduce_flat
@@ -165,7 +164,6 @@ class _GradientStatsMonitor(MonitorCallback):
         self._stale_readback: HostReadback = HostReadback()
         self._stale_reported = False
         self._reader = GradientReader([])
-        self._param_plan: Optional[ShapePlan] = None  # CPU: the watched parameters' norms by shape
         self._readback: HostReadback = HostReadback()
 
     @property
@@ -213,7 +211,6 @@ class _GradientStatsMonitor(MonitorCallback):
         on_accelerator = bool(self._params) and self._params[0].device.type != "cpu"
         self._norm_every_step = on_accelerator if self.norm_every_step is None else bool(self.norm_every_step)
         self._reader = GradientReader(self._params)
-        self._param_plan = None
         self._ring = None
 
     # ------------------------------------------------------------------------------- hot path
@@ -285,12 +282,7 @@ class _GradientStatsMonitor(MonitorCallback):
     def _pack(self) -> torch.Tensor:
         """One flat buffer: SUM part (squares and counts), MAX part, then histograms."""
         params = [local_tensor(p) for p in self._params]  # read under no_grad: no detach needed
-        if params and params[0].device.type != "cuda":  # per-call costs dominate small tensors on the CPU
-            if self._param_plan is None or self._param_plan.device != params[0].device:
-                self._param_plan = ShapePlan(params)
-            p_norm_sq = self._param_plan.reduce(params)[0].square()
-        else:
-            p_norm_sq = fused_norms(params).square()
+        p_norm_sq = self._reader.parameter_norms(params).square()
         if self._snapshot.pending:
             before_sq, delta_sq = self._snapshot.norms_sq(self._params)
         else:

@@ -248,6 +248,7 @@ class GradientReader:
         self.counts_on_device = bool(self.params) and self.params[0].device.type == "cuda"
         self._index_cache: Optional[Tuple[Tuple[int, ...], torch.Tensor]] = None
         self._plan_cache: Optional[Tuple[Tuple[int, ...], ShapePlan]] = None
+        self._param_plan: Optional[ShapePlan] = None
 
     def _plan(self, present: List[int], grads: Sequence[torch.Tensor]) -> "ShapePlan":
         """The CPU reduction plan of the gradients present (cached: the same ones step after step)."""
@@ -255,6 +256,16 @@ class GradientReader:
         if self._plan_cache is None or self._plan_cache[0] != key or self._plan_cache[1].device != grads[0].device:
             self._plan_cache = (key, ShapePlan(grads))
         return self._plan_cache[1]
+
+    @torch.no_grad()
+    def parameter_norms(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The norm of each of ``params`` (the watched parameters' local tensors, in order), float32 on their
+        device: fused kernels on CUDA, stacks by shape on the CPU (see :class:`ShapePlan`)."""
+        if params[0].device.type == "cuda":
+            return fused_norms(list(params))
+        if self._param_plan is None or self._param_plan.device != params[0].device:
+            self._param_plan = ShapePlan(params)
+        return self._param_plan.reduce(params)[0]
 
     @torch.no_grad()
     def gradient_rows(self) -> torch.Tensor:

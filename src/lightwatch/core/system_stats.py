@@ -165,8 +165,8 @@ def _malloc_reader() -> Optional[Callable[[], _MallocInfo2]]:
     if any(name in preloaded for name in ("jemalloc", "tcmalloc", "mimalloc")):
         return None
     try:
-        # ~0.2 ms in a training process (it walks malloc's free lists), at logged steps only; CDLL lets other
-        # threads (the TensorBoard writer's) run meanwhile
+        # it walks malloc's free lists (microseconds to milliseconds, see `SystemReader.read`); CDLL releases
+        # the GIL meanwhile, so other threads (the TensorBoard writer's) can run
         fn = ctypes.CDLL(None).mallinfo2
     except Exception:  # no C library by that name, or no such symbol
         return None
