@@ -71,3 +71,55 @@ def test_callbacks_reused_across_fits_as_in_a_notebook(tmp_path: Any, seed: int)
     assert steps[-1] == 29 and 14 in steps  # the monitors kept sampling through both fits    assert not [a for a in read_alerts(str(tmp_path / "b" / "tb" / "version_0")) if a["severity"] != "info"]
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert all(os.path.exists(tmp_path / "ckpt" / e["file"]) for e in manifest["checkpoints"])
+
+
+def _records(path: str) -> list:
+    """Every record of a TFRecord file as (length bytes, length crc, data, data crc)."""
+    import struct
+
+    out = []
+    with open(path, "rb") as fh:
+        while True:
+            head = fh.read(12)
+            if not head:
+                return out
+            (length,) = struct.unpack("<Q", head[:8])
+            data = fh.read(length)
+            out.append((head[:8], struct.unpack("<I", head[8:])[0], data, struct.unpack("<I", fh.read(4))[0]))
+
+
+def test_scalars_written_from_encoded_bytes_read_back_with_valid_checksums(tmp_path: Any, seed: int) -> None:
+    """The monitors' scalars (serialized from per-tag bytes, checksummed in C) are what TensorBoard reads back,
+    under a logger prefix, and every record's checksum is the one TensorBoard's own function computes."""
+    import glob
+    import math
+
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
+
+    from conftest import read_events, scalars
+    from lightwatch.core import tensorboard_crc
+    from lightwatch.core.writer import MonitorWriter
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0, prefix="run")
+    grad = GradientStatsMonitor(every_n_steps=5)
+    trainer = make_trainer(tmp_path, [grad], max_steps=11, logger=logger)
+    trainer.fit(Classifier(), make_loader())
+    writer = MonitorWriter("extra")
+    values = {"extra.x/big": 1e300, "extra.x/nan": float("nan"), "extra.x/neg": -2.5, "extra.x/ünï": 3}
+    writer.write_scalars(trainer, values, step=99)
+    logger.experiment.flush()
+
+    assert tensorboard_crc.install()  # google-crc32c is a dependency: its C extension is used
+    acc = read_events(logger.log_dir)
+    norm = scalars(acc, "run-monitor.grad/_total/norm")
+    assert sorted(norm) == [0, 4, 9] and all(v > 0 for v in norm.values())
+    assert scalars(acc, "run-extra.x/big") == {99: math.inf}
+    assert math.isnan(scalars(acc, "run-extra.x/nan")[99])
+    assert scalars(acc, "run-extra.x/neg") == {99: -2.5} and scalars(acc, "run-extra.x/ünï") == {99: 3.0}
+    # the same values are in callback_metrics, as float32 tensors
+    assert float(trainer.callback_metrics["extra.x/neg"]) == -2.5
+    records = [r for path in glob.glob(os.path.join(logger.log_dir, "events.out.tfevents.*")) for r in _records(path)]
+    assert len(records) > 4
+    for length, length_crc, data, data_crc in records:
+        assert reference(length) == length_crc and reference(data) == data_crc

@@ -1,7 +1,7 @@
 """Writing statistics: one batched write per logged step, on global rank 0, on Lightning's step axis.
 
 Scalars go to every logger through ``logger.log_metrics`` in one call per logged step. For TensorBoard
-loggers the same values are written as one ``Summary`` protobuf holding every value (about 1 µs a value
+loggers the same values are written as one ``Summary`` protobuf holding every value (under 1 µs a value, see :class:`SummaryEncoder`,
 instead of ~60 µs through ``add_scalar``); the logger's own ``prefix`` is applied the way
 ``log_metrics`` would. Histograms and text go only to loggers whose experiment is a TensorBoard
 ``SummaryWriter``. Every value is also put into ``trainer.callback_metrics`` on every rank, so Lightning's
@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, Mapping, Tuple
+import sys
+from array import array
+from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 import torch
 
 from lightwatch.core.histogram import HistogramData
+from lightwatch.core import tensorboard_crc
 from lightwatch.core.runtime import is_global_zero, tensorboard_writers
 
-__all__ = ["MonitorWriter", "safe_tag_part"]
+__all__ = ["MonitorWriter", "SummaryEncoder", "safe_tag_part"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
 
@@ -52,6 +55,65 @@ def _callback_metrics(trainer: Any) -> Any:
     return metrics if isinstance(metrics, dict) else getattr(trainer, "callback_metrics", None)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+class SummaryEncoder:
+    """TensorBoard ``Event`` protos of scalar values, serialized from bytes encoded once per tag.
+
+    A ``Summary.Value`` holding a tag and a ``simple_value`` is the same bytes every step but for its last
+    four (the float32 value): those headers are encoded once, and a step's summary is their concatenation
+    with the values' bytes, parsed once into an ``Event`` (C code) instead of built value by value in Python
+    (about 2x cheaper for hundreds of values). The wire format is protobuf's: ``Value`` = field 1 (tag,
+    length-delimited) + field 2 (float, fixed32); ``Summary`` = repeated field 1; ``Event.summary`` = field 5.
+
+    Example:
+        >>> from array import array
+        >>> event = SummaryEncoder().event(["a/b", "c"], array("f", [1.5, 2.0]))
+        >>> [(v.tag, v.simple_value) for v in event.summary.value]
+        [('a/b', 1.5), ('c', 2.0)]
+    """
+
+    def __init__(self) -> None:
+        self._heads: Dict[str, bytes] = {}
+
+    def _head(self, tag: str) -> bytes:
+        head = self._heads.get(tag)
+        if head is None:
+            raw = tag.encode("utf-8")
+            body = 1 + len(_varint(len(raw))) + len(raw) + 1 + 4  # tag field, then the float field
+            head = b"\x0a" + _varint(body) + b"\x0a" + _varint(len(raw)) + raw + b"\x15"
+            if len(self._heads) < 65536:
+                self._heads[tag] = head
+        return head
+
+    def event(self, tags: Iterable[str], floats: "array[float]", prefix: str = "") -> Any:
+        """An ``Event`` whose summary holds ``tags`` (each after ``prefix``) with the float32 ``floats``."""
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        data = floats.tobytes() if sys.byteorder == "little" else _swapped(floats)
+        head = self._head
+        parts: List[bytes] = []
+        for i, tag in enumerate(tags):
+            parts.append(head(prefix + tag if prefix else tag))
+            parts.append(data[4 * i:4 * i + 4])
+        summary = b"".join(parts)
+        return Event.FromString(b"\x2a" + _varint(len(summary)) + summary)
+
+
+def _swapped(floats: "array[float]") -> bytes:
+    copy = array("f", floats)
+    copy.byteswap()  # protobuf's fixed32 is little-endian
+    return copy.tobytes()
+
+
 class MonitorWriter:
     """Writes a callback's statistics under ``<prefix>.<family>/<subject>/<stat>``.
 
@@ -75,6 +137,7 @@ class MonitorWriter:
         self.scalar_writes = 0
         # a logged step names hundreds of tags, the same ones every time: each is built (and cleaned) once
         self._tags: Dict[Tuple[str, str, str], str] = {}
+        self._summaries = SummaryEncoder()
 
     def tag(self, family: str, subject: str, stat: str = "") -> str:
         key = (family, subject, stat)
@@ -91,33 +154,27 @@ class MonitorWriter:
         if not values:
             return
         self.scalar_writes += 1
-        as_tensor = torch.tensor([float(v) for v in values.values()], dtype=torch.float32)
+        floats = array("f", [float(v) for v in values.values()])  # float32; out-of-range values become inf
+        as_tensor = torch.frombuffer(floats, dtype=torch.float32)  # shares the array's memory
         callback_metrics = _callback_metrics(trainer)
         if isinstance(callback_metrics, dict):
             callback_metrics.update(zip(values.keys(), as_tensor.unbind(0)))
         if not is_global_zero(trainer):
             return
+        tensorboard_crc.install()  # once: the event files' checksums in C (see lightwatch.core.tensorboard_crc)
         for lg in list(getattr(trainer, "loggers", None) or []):
             file_writer = _tensorboard_fast_path(lg)
             if file_writer is None:
                 lg.log_metrics(dict(values), step=step)
                 continue
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
             prefix = getattr(lg, "_prefix", "") or ""
             join = getattr(lg, "LOGGER_JOIN_CHAR", "-")
-            summary = Summary()
-            add = summary.value.add  # 2x cheaper than building Summary.Value objects first
-            if prefix:
-                for k, v in values.items():
-                    add(tag=f"{prefix}{join}{k}", simple_value=float(v))
-            else:
-                for k, v in values.items():
-                    add(tag=k, simple_value=float(v))
-            file_writer.add_summary(summary, step)
+            file_writer.add_event(self._summaries.event(values.keys(), floats, f"{prefix}{join}" if prefix else ""),
+                                  step)
 
     def write_histograms(self, trainer: Any, histograms: Mapping[str, HistogramData], step: int) -> None:
         """Write raw histograms (tag -> :class:`HistogramData`) to TensorBoard loggers on rank 0."""
+        tensorboard_crc.install()
         for exp in tensorboard_writers(trainer):
             for tag, h in histograms.items():
                 if h.num <= 0 or not (math.isfinite(h.min) and math.isfinite(h.max)):
@@ -135,6 +192,7 @@ class MonitorWriter:
                 )
 
     def write_text(self, trainer: Any, tag: str, text: str, step: int) -> None:
+        tensorboard_crc.install()
         for exp in tensorboard_writers(trainer):
             exp.add_text(tag, text, global_step=step)
 
