@@ -292,3 +292,25 @@ def test_hooks_are_on_the_modules_only_during_sampled_steps_unless_compiled(tmp_
     assert seen == [(0, 1), (0, 0), (0, 0), (0, 0), (0, 1), (0, 0), (0, 0), (0, 0), (0, 0), (0, 1)]
     assert all(not m._forward_hooks for m in model.modules()) and not _global_forward_hooks  # none left behind
     assert sorted(scalars(read_events(trainer.log_dir), "monitor.act/net.0/mean")) == [0, 4, 9]
+
+
+def test_zero_fraction_of_a_wide_output_sees_every_unit(tmp_path: Any, seed: int) -> None:
+    """On an output larger than the zero count's sample (64 x 256 values), units dead in every other column
+    are counted at their share: the sample's stride walks across the columns (a stride of 4 would read only
+    the dead or only the live ones)."""
+    model = Classifier(in_features=8, hidden=256, depth=1)
+    with torch.no_grad():
+        model.net[0].bias[::2] = -100.0  # even units never fire; odd units fire on about half the samples
+    recorder = OutputRecorder(steps=[0, 3])
+    monitor = ActivationStatsMonitor(every_n_steps=4, histogram_every_n_steps=0, module_types=["ReLU"])
+    trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=5, log_every_n_steps=4)
+    trainer.fit(model, make_loader(n=256, batch_size=64))
+    acc = read_events(trainer.log_dir)
+    for step in (0, 3):
+        y = recorder.outputs[step]["net.1"]
+        assert y.numel() == 64 * 256
+        exact = (y == 0).float().mean().item()
+        assert 0.6 < exact < 0.9
+        assert scalars(acc, "monitor.act/net.1/zero_frac")[step] == pytest.approx(exact, abs=0.03)
+        assert scalars(acc, "monitor.act/net.1/dead_frac")[step] == pytest.approx(
+            (y == 0).all(dim=0).float().mean().item())

@@ -198,3 +198,32 @@ def test_bad_settings_say_what_and_where() -> None:
         SystemMonitor(regression_factor=0.5)
     with pytest.raises(ValueError, match="unknown diagnosis"):
         SystemMonitor(skip_diagnoses=["input_bund"])
+
+
+def test_proc_files_agree_with_psutil() -> None:
+    """On Linux the process and host values come from /proc read in place: the same as psutil gives."""
+    import time
+
+    import psutil
+
+    from lightwatch.core.system_stats import ProcFiles, SystemReader
+
+    files = ProcFiles.open()
+    if files is None:
+        pytest.skip("no /proc (not Linux)")
+    process = psutil.Process()
+    assert abs(files.rss_bytes() - process.memory_info().rss) <= 0.05 * process.memory_info().rss
+    available = psutil.virtual_memory().available
+    assert abs(files.available_bytes() - available) <= 0.1 * available
+    files.cpu_percent()
+    process.cpu_percent(None)
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:  # one busy thread: ~100%
+        pass
+    mine, theirs = files.cpu_percent(), process.cpu_percent(None)
+    assert 60 <= mine <= 140 and abs(mine - theirs) <= 25
+    files.close()
+    files.close()  # twice is harmless
+    reader = SystemReader(torch.device("cpu"))
+    stats = reader.read()
+    assert reader.missing == [] and stats["rss_bytes"] > 0 and stats["host_available_bytes"] > 0

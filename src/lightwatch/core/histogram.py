@@ -13,7 +13,7 @@ from typing import List
 
 import torch
 
-__all__ = ["HIST_BINS", "histogram_row", "HistogramData", "decode_histogram_row", "strided_sample"]
+__all__ = ["HIST_BINS", "histogram_row", "HistogramData", "decode_histogram_row", "spread_sample", "strided_sample"]
 
 HIST_BINS = 64
 # Layout of one packed row: [min, max, count(finite), sum, sum_sq, nonfinite, counts[bins]].
@@ -28,6 +28,31 @@ def strided_sample(t: torch.Tensor, max_values: int) -> torch.Tensor:
         return t.reshape(-1)
     step = -(-n // max_values)
     if t.is_contiguous():  # the same values as reshape(-1)[::step], in one call instead of two
+        return t.as_strided((-(-n // step),), (step,))
+    return t.reshape(-1)[::step]
+
+
+def spread_sample(t: torch.Tensor, max_values: int) -> torch.Tensor:
+    """A flat view of at most ``max_values`` values of ``t``, one every ``k`` with ``k`` prime to 2, 3, 5 and 7.
+
+    A stride that divides the last dimension (4 on ``[64, 256]``) samples the same few features in every row;
+    a stride with none of the factors that layer widths are made of walks across every feature as it goes
+    from row to row, so a per-feature property (e.g. a unit that is always zero) is seen in its share.
+
+    Example:
+        >>> x = torch.arange(64 * 256).reshape(64, 256)
+        >>> s = spread_sample(x, 4096)
+        >>> s.numel() <= 4096, len(set((s % 256).tolist())) == 256
+        (True, True)
+    """
+    t = t.detach()
+    n = t.numel()
+    if n <= max_values:
+        return t.reshape(-1)
+    step = -(-n // max_values)
+    while step % 2 == 0 or step % 3 == 0 or step % 5 == 0 or step % 7 == 0:
+        step += 1
+    if t.is_contiguous():
         return t.as_strided((-(-n // step),), (step,))
     return t.reshape(-1)[::step]
 
