@@ -59,7 +59,7 @@ class _SystemMonitor(MonitorCallback):
       ``step/slowest_seconds`` (host time, means over the interval), and on CUDA ``step/device_seconds`` (CUDA
       events around the logged step, read at its end);
     - ``throughput/samples_per_second`` and ``throughput/tokens_per_second`` (integer ``(batch, seq)`` inputs);
-    - ``process/rss_bytes``, ``process/cpu_percent``, ``host/available_bytes`` (``psutil``);
+    - ``process/rss_bytes``, ``process/cpu_percent``, ``host/available_bytes`` (``/proc`` on Linux, else ``psutil``);
       ``process/python_blocks`` (blocks of Python's object allocator in use); with glibc
       ``process/heap_in_use_bytes`` and ``process/heap_free_bytes`` (malloc's bytes in use, and freed but kept);
       ``cuda/allocated_bytes``, ``cuda/reserved_bytes``, ``cuda/peak_bytes`` and, with ``nvidia-ml-py``,
