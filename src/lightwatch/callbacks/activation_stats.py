@@ -88,9 +88,10 @@ def _compiled(module: nn.Module) -> bool:
 class _StepSums:
     """The device-side sums of one sampled step, one slot per watched module, in two buffers allocated once.
 
-    Per module: a float32 slot (Σy, ‖y‖, min, max) and an int64 slot (non-zeros and saturated values in the
-    sample) that the reductions write into directly (``out=``: no result tensor to allocate, nothing to stack;
-    half the cost per module of returning 0-d tensors and stacking them); host counts known from shapes,
+    Per module: a float32 slot (Σy, ‖y‖, min, max) and an int64 slot (saturated values in the sample) that the
+    reductions write into directly (``out=``: no result tensor to allocate, nothing to stack; half the cost per
+    module of returning 0-d tensors and stacking them); the non-zero count of a spread sample (0-d, stacked
+    once in :meth:`pack`: copying it into a slot cost as much as counting); host counts known from shapes,
     per-unit "alive" flags for rectifiers and a histogram row. :meth:`pack` merges the ranks (one SUM and one
     MAX all-reduce) and frees the slots for the next sampled step; :meth:`unpack` splits the values read
     back on the host.
@@ -102,7 +103,7 @@ class _StepSums:
         self.rectifier: List[bool] = []
         self.nonnegative: List[bool] = []  # rectifiers whose outputs are never negative (ReLU, ReLU6)
         self.floats: Optional[torch.Tensor] = None  # [M + 1, 4]: Σy, ‖y‖, min, max; the last row is scratch
-        self.ints: Optional[torch.Tensor] = None  # [M + 1, 2]: non-zeros, saturated
+        self.ints: Optional[torch.Tensor] = None  # [M + 1]: saturated values in the sample
         self._slots: List[Tuple[List[torch.Tensor], List[torch.Tensor]]] = []  # 0-d views of each row, made once
         self.alive: List[Optional[torch.Tensor]] = []
         self.nonzero: List[Optional[torch.Tensor]] = []  # per module: non-zeros in its spread sample (0-d)
@@ -134,8 +135,8 @@ class _StepSums:
         min (+inf), no max (-inf), which is what a module that is not called this step contributes."""
         if self.floats is None or self.floats.device != device:
             self.floats = torch.empty(self.modules + 1, 4, device=device, dtype=torch.float32)
-            self.ints = torch.empty(self.modules + 1, 2, device=device, dtype=torch.int64)
-            self._slots = [(list(f.unbind(0)), list(n.unbind(0))) for f, n in zip(self.floats, self.ints)]
+            self.ints = torch.empty(self.modules + 1, device=device, dtype=torch.int64)
+            self._slots = [(list(f.unbind(0)), n) for f, n in zip(self.floats, self.ints.unbind(0))]
         self.floats[:, :2].zero_()
         self.floats[:, 2].fill_(float("inf"))
         self.floats[:, 3].fill_(-float("inf"))
@@ -154,7 +155,7 @@ class _StepSums:
             self.calls += 1
         # Three reductions over the whole output, into the module's slot; everything else on a strided sample
         # or from shapes. A second call of the module goes to the scratch row and is merged below.
-        floats, ints = self._slots[-1 if again else i]
+        floats, saturated = self._slots[-1 if again else i]
         torch.sum(y, dim=None, dtype=torch.float32, out=floats[0])
         torch.linalg.vector_norm(y, dtype=torch.float32, out=floats[1])
         if y.dtype == torch.float32:
@@ -175,9 +176,9 @@ class _StepSums:
         self.nonzero[i] = nonzero if previous is None else previous + nonzero
         sample = strided_sample(y, self.sample_size) if saturation is not None or histogram else None
         if saturation is not None:
-            ints[1].copy_(torch.count_nonzero(saturation(sample)))
+            saturated.copy_(torch.count_nonzero(saturation(sample)))
         elif again:
-            ints[1].zero_()
+            saturated.zero_()
         if again:
             self._merge(i)
         counts, at = self.counts, i * _COUNT_WIDTH
@@ -223,10 +224,11 @@ class _StepSums:
         if self.calls == 0:  # no watched module ran this step: every slot empty (the ranks still all-reduce)
             self._start(device)
         m = self.modules
-        floats, ints = self.floats[:m], self.ints[:m].float()
+        floats = self.floats[:m]
         none = torch.zeros((), dtype=torch.int64, device=device)
         nonzero = torch.stack([none if c is None else c for c in self.nonzero]).float()
-        sums = torch.stack([floats[:, 0], floats[:, 1].square(), nonzero, ints[:, 1]], 1)  # [M, _SUM_WIDTH]
+        saturated = self.ints[:m].float()
+        sums = torch.stack([floats[:, 0], floats[:, 1].square(), nonzero, saturated], 1)  # [M, _SUM_WIDTH]
         maxes = torch.stack([floats[:, 2].neg(), floats[:, 3]], 1)  # [M, _MAX_WIDTH]: -min, max
         alive = [self._fit(self.alive[i], units[i], device) for i in with_units]
         # host counts travel with the device sums: pinned and non-blocking, so the copy never stalls

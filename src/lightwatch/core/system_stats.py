@@ -2,12 +2,12 @@
 
 Everything here is host-side and cheap. :class:`StepClock` takes ``time.perf_counter`` stamps at the
 Lightning hooks (no tensor op, no device sync) and sums them over a logging interval; :class:`SystemReader`
-reads process RSS and CPU use and the host's available memory (from ``/proc`` on Linux, else ``psutil``), the bytes in use by the C allocator (glibc's ``mallinfo2``) and
-Python's object allocator, CUDA memory (``torch.cuda``, host-side counters, no sync) and,
-where ``nvidia-ml-py`` is installed, GPU utilisation, temperature and power. ``psutil`` and ``nvidia-ml-py``
-are the optional ``system`` extra: without them the values they give are simply absent (on Linux ``/proc``
-gives the process and host values without ``psutil``), and :attr:`SystemReader.missing` says which package to
-install.
+reads process RSS and CPU use and the host's available memory (from ``/proc`` on Linux, else ``psutil``),
+the bytes in use by the C allocator (glibc's ``mallinfo2``) and Python's object allocator, CUDA memory
+(``torch.cuda``, host-side counters, no sync) and, where ``nvidia-ml-py`` is installed, GPU utilisation,
+temperature and power. ``psutil`` and ``nvidia-ml-py`` are the optional ``system`` extra: without them the
+values they give are simply absent (on Linux ``/proc`` gives the process and host values without
+``psutil``), and :attr:`SystemReader.missing` says which package to install.
 """
 from __future__ import annotations
 

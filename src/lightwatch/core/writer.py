@@ -1,11 +1,11 @@
 """Writing statistics: one batched write per logged step, on global rank 0, on Lightning's step axis.
 
 Scalars go to every logger through ``logger.log_metrics`` in one call per logged step. For TensorBoard
-loggers the same values are written as one ``Summary`` protobuf holding every value (under 1 µs a value, see :class:`SummaryEncoder`,
-instead of ~60 µs through ``add_scalar``); the logger's own ``prefix`` is applied the way
-``log_metrics`` would. Histograms and text go only to loggers whose experiment is a TensorBoard
-``SummaryWriter``. Every value is also put into ``trainer.callback_metrics`` on every rank, so Lightning's
-``EarlyStopping`` and ``ModelCheckpoint`` can monitor lightwatch statistics.
+loggers the same values are written as one ``Summary`` protobuf holding every value (under 1 µs a value,
+see :class:`SummaryEncoder`, instead of ~60 µs through ``add_scalar``); the logger's own ``prefix`` is
+applied the way ``log_metrics`` would. Histograms and text go only to loggers whose experiment is a
+TensorBoard ``SummaryWriter``. Every value is also put into ``trainer.callback_metrics`` on every rank, so
+Lightning's ``EarlyStopping`` and ``ModelCheckpoint`` can monitor lightwatch statistics.
 """
 from __future__ import annotations
 
