@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytorch_lightning as pl  # noqa: E402
@@ -28,10 +28,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from policy_overhead import variant_callbacks  # noqa: E402
-from workloads import WORKLOADS, make  # noqa: E402
+from workloads import SMOKE_WORKLOADS, WORKLOADS, make  # noqa: E402
 
 torch.set_num_threads(1)
-WARMUP = 20
 
 
 class _Marks(pl.Callback):
@@ -42,8 +41,8 @@ class _Marks(pl.Callback):
         self.marks.append((trainer.global_step, time.thread_time()))
 
 
-def step_times(workload: str, variant: str, interval: int, steps: int) -> Dict[int, List[float]]:
-    """Training-thread milliseconds of each step from ``WARMUP`` on, grouped by ``step % interval``."""
+def step_times(workload: str, variant: str, interval: int, steps: int, warmup: int = 20) -> Dict[int, List[float]]:
+    """Training-thread milliseconds of each step from ``warmup`` on, grouped by ``step % interval``."""
     factory, loader = make(workload, 2 * steps)
     with tempfile.TemporaryDirectory() as tmp:
         marks = _Marks()
@@ -57,27 +56,31 @@ def step_times(workload: str, variant: str, interval: int, steps: int) -> Dict[i
             trainer.fit(factory(), loader)
     per: Dict[int, List[float]] = {}
     for (step, start), (_, end) in zip(marks.marks, marks.marks[1:]):
-        if step >= WARMUP:
+        if step >= warmup:
             per.setdefault(step % interval, []).append((end - start) * 1e3)
     return per
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
+    """Print the table; returns per pair ``bare_ms``, ``unsampled_extra_ms`` and ``sampled_extra_ms``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", default="mlp", choices=list(WORKLOADS))
+    parser.add_argument("--workload", default="mlp", choices=list(WORKLOADS) + list(SMOKE_WORKLOADS))
     parser.add_argument("--variant", default="monitor=default")
     parser.add_argument("--interval", type=int, default=10)
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--pairs", type=int, default=2, help="bare/variant runs, alternating")
-    args = parser.parse_args()
+    parser.add_argument("--warmup", type=int, default=20, help="steps left out at the start of each run")
+    args = parser.parse_args(argv)
     import logging
 
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightwatch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     print(f"{args.workload}, interval {args.interval}, {args.steps} steps; training-thread ms per step, "
           f"median / smallest, by step % interval (position {args.interval - 1} is the sampled step)")
+    results: List[Dict[str, float]] = []
     for pair in range(args.pairs):
-        rows = {v: step_times(args.workload, v, args.interval, args.steps) for v in ("bare", args.variant)}
+        rows = {v: step_times(args.workload, v, args.interval, args.steps, args.warmup)
+                for v in ("bare", args.variant)}
         for variant, per in rows.items():
             cells = " ".join(f"{k}:{statistics.median(v):.1f}/{min(v):.1f}" for k, v in sorted(per.items()))
             print(f"pair {pair + 1} {variant:>16}  {cells}", flush=True)
@@ -89,6 +92,9 @@ def main() -> None:
         print(f"pair {pair + 1}: bare step {bare_step:.2f} ms; unsampled extra (median over positions) "
               f"{statistics.median(unsampled):+.2f} ms; sampled-step extra {sampled:+.2f} ms "
               f"({sampled / bare_step:.2f}x a bare step)", flush=True)
+        results.append({"bare_ms": bare_step, "unsampled_extra_ms": statistics.median(unsampled),
+                        "sampled_extra_ms": sampled})
+    return results
 
 
 if __name__ == "__main__":

@@ -49,3 +49,19 @@ def test_policy_overhead_reports_every_variant_and_hook(tmp_path):
 
     text = table.read_text()
     assert "| variant | ratio (median) | IQR |" in text and 'Per hook, monitor=default, tiny, interval 2"' in text
+
+
+def test_step_positions_reports_each_position_and_the_sampled_step(capsys):
+    sys.path.insert(0, BENCH)
+    try:
+        import step_positions
+    finally:
+        sys.path.remove(BENCH)
+    results = step_positions.main(["--workload", "tiny", "--interval", "3", "--steps", "14", "--warmup", "2",
+                                   "--pairs", "1"])
+    out = capsys.readouterr().out
+    assert len(results) == 1 and results[0]["bare_ms"] > 0
+    assert all(key in results[0] for key in ("unsampled_extra_ms", "sampled_extra_ms"))
+    rows = [line for line in out.splitlines() if line.startswith("pair 1 ")]
+    assert len(rows) == 2 and all(" 0:" in r and " 1:" in r and " 2:" in r for r in rows)  # every position
+    assert "x a bare step" in out
