@@ -242,7 +242,7 @@ class ProcFiles:
             if fd >= 0:
                 try:
                     os.close(fd)
-                except OSError:
+                except Exception:  # already closed, or `os` gone at interpreter exit (from __del__)
                     pass
 
     def __del__(self) -> None:  # the reader goes with its monitor: so do its two descriptors
@@ -334,7 +334,7 @@ class SystemReader:
             out["rss_bytes"] = self._proc.rss_bytes()
             out["cpu_percent"] = self._proc.cpu_percent()
             available = self._proc.available_bytes()
-            if available == available:
+            if not math.isnan(available):  # no MemAvailable line (kernels before 3.14)
                 out["host_available_bytes"] = available
         elif self._process is not None:
             out["rss_bytes"] = float(self._process.memory_info().rss)
