@@ -247,8 +247,9 @@ class _GradientStatsMonitor(MonitorCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         # future_leak: once, on the first batch of a fresh fit (not under a sharded strategy, where a submodule
         # cannot run outside the root's forward)
-        if (self.diagnose and "future_leak" not in self.skip_diagnoses and not self._sharded
-                and int(getattr(trainer, "global_step", 0)) == 0 and batch_idx == 0 and self._leak_probe is None):
+        # (`batch_idx` first: every later batch stops there, before the trainer's step property is read)
+        if (batch_idx == 0 and self.diagnose and "future_leak" not in self.skip_diagnoses and not self._sharded
+                and int(getattr(trainer, "global_step", 0)) == 0 and self._leak_probe is None):
             probe = FutureLeakProbe()
             if probe.start(pl_module, batch):
                 self._leak_probe = probe
