@@ -104,7 +104,7 @@ class _StepSums:
         self.nonnegative: List[bool] = []  # rectifiers whose outputs are never negative (ReLU, ReLU6)
         self.floats: Optional[torch.Tensor] = None  # [M + 1, 4]: Σy, ‖y‖, min, max; the last row is scratch
         self.ints: Optional[torch.Tensor] = None  # [M + 1]: saturated values in the sample
-        self._slots: List[Tuple[List[torch.Tensor], List[torch.Tensor]]] = []  # 0-d views of each row, made once
+        self._slots: List[Tuple[List[torch.Tensor], torch.Tensor]] = []  # 0-d views of each row, made once
         self.alive: List[Optional[torch.Tensor]] = []
         self.nonzero: List[Optional[torch.Tensor]] = []  # per module: non-zeros in its spread sample (0-d)
         self.hist: List[Optional[torch.Tensor]] = []

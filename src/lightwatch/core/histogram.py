@@ -22,11 +22,19 @@ _HEADER = 6
 
 def strided_sample(t: torch.Tensor, max_values: int) -> torch.Tensor:
     """A flat view (or small copy) of at most ``max_values`` evenly spaced values of ``t``."""
+    return _every(t, max_values, spread=False)
+
+
+def _every(t: torch.Tensor, max_values: int, spread: bool) -> torch.Tensor:
+    """Every ``k``-th value of ``t`` as a flat view (a copy where ``t`` is not contiguous), ``k`` the smallest
+    step keeping at most ``max_values``; with ``spread``, the smallest such ``k`` prime to 2, 3, 5 and 7."""
     t = t.detach()
     n = t.numel()
     if n <= max_values:
         return t.reshape(-1)
     step = -(-n // max_values)
+    while spread and (step % 2 == 0 or step % 3 == 0 or step % 5 == 0 or step % 7 == 0):
+        step += 1
     if t.is_contiguous():  # the same values as reshape(-1)[::step], in one call instead of two
         return t.as_strided((-(-n // step),), (step,))
     return t.reshape(-1)[::step]
@@ -45,16 +53,7 @@ def spread_sample(t: torch.Tensor, max_values: int) -> torch.Tensor:
         >>> s.numel() <= 4096, len(set((s % 256).tolist())) == 256
         (True, True)
     """
-    t = t.detach()
-    n = t.numel()
-    if n <= max_values:
-        return t.reshape(-1)
-    step = -(-n // max_values)
-    while step % 2 == 0 or step % 3 == 0 or step % 5 == 0 or step % 7 == 0:
-        step += 1
-    if t.is_contiguous():
-        return t.as_strided((-(-n // step),), (step,))
-    return t.reshape(-1)[::step]
+    return _every(t, max_values, spread=True)
 
 
 def histogram_row(t: torch.Tensor, bins: int = HIST_BINS, max_values: int = 65536) -> torch.Tensor:

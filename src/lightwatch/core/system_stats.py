@@ -305,7 +305,7 @@ class SystemReader:
     def memory_in_use(self, stats: Dict[str, float]) -> float:
         """The process's memory in use from :meth:`read`'s values: malloc's bytes in use plus Python's
         small-object blocks (:data:`PYTHON_BLOCK_BYTES` each) where glibc tells them (``nan`` at a reading
-        that skipped them, see ``heap_share``), else RSS (``nan`` without ``psutil``).
+        that skipped them, see ``heap_share``), else RSS (``nan`` where neither ``/proc`` nor ``psutil`` gives it).
 
         Why not RSS: a freed chunk stays resident until malloc can return it, so a run whose batches change
         shape fragments the heap and RSS climbs in stairs for hundreds of steps while nothing is kept (a
