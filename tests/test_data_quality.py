@@ -370,6 +370,43 @@ def test_staging_buffer_reuses_its_slots_and_clones_fields_whose_shape_varies() 
     assert 0 not in buf._stage and 1 in buf._stage  # field 0 is cloned now, field 1 still staged
 
 
+class SpoilAfter(pl.Callback):
+    """Placed after the monitor: overwrites every training batch in place once the monitor has seen it."""
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        batch[0].fill_(float("nan"))
+
+
+def test_batches_of_one_layout_take_the_short_path_and_count_like_the_full_one(tmp_path: Any) -> None:
+    """After one batch of a layout has passed the schema check, the next batches of that layout are only
+    compared and copied (the short path). They still count every sample, the values are the ones the monitor
+    saw (a callback spoiling the batch afterwards changes nothing), a bad value is found at its step, and a
+    batch of another layout (the epoch's short last batch, another dtype) goes the full way again."""
+    x, y = tabular(120, 0)  # 7 batches of 16 and one of 8 per epoch
+    plant = Plant(train={9: set_value(3, 1, float("inf")), 13: lambda b: b.__setitem__(0, b[0].double())})
+    monitor = DataQualityMonitor(scan_before_fit=0)
+    with pytest.raises(RuntimeError):  # the float64 batch at step 13 crashes the float32 model
+        fit(tmp_path, monitor, loader(x, y), plant=plant, max_steps=16, log_every_n_steps=4)
+    sp = monitor._splits["train"]
+    assert sp.steady is None  # the float64 batch left the short path
+
+    nonfinite, = by_rule(tmp_path, "data_nonfinite")
+    assert (nonfinite["step"], nonfinite["subject"]) == (9, "train/x.1")
+    schema, = by_rule(tmp_path, "data_schema")
+    assert schema["step"] == 13 and "dtype float64 (expected float32)" in schema["message"]
+    profile = monitor.profile.splits["train"]
+    assert profile.samples == 120  # the first epoch, its short last batch included
+
+    spoiled = tmp_path / "spoiled"
+    monitor = DataQualityMonitor(scan_before_fit=0)
+    trainer = make_trainer(spoiled, [monitor, SpoilAfter()], max_steps=10, log_every_n_steps=4, limit_val_batches=0)
+    trainer.fit(Classifier(), loader(x, y))
+    assert monitor._splits["train"].steady is not None  # the run went the short way
+    assert not by_rule(spoiled, "data_nonfinite")  # the copies were taken before the batches were spoiled
+    seen = scalars(events(spoiled), "monitor.data/train/x/nonfinite")
+    assert seen and not any(seen.values())
+
+
 def test_regression_targets_are_numeric_fields(tmp_path: Any) -> None:
     class Regressor(Classifier):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -633,8 +670,8 @@ def test_no_host_sync_and_no_write_on_unsampled_steps_at_defaults(tmp_path: Any,
                 assert extra["scatter_add_"] >= 1 and extra["_local_scalar_dense"] == 0, extra
             continue
         # the whole per-step cost: a copy of each field (x and y) into the staging buffer (the slot's view is
-        # made the first time the slot is used)
-        assert extra - Counter({"slice": 2}) == Counter({"detach": 2, "copy_": 2}), f"step {step}: {extra}"
+        # made the first time the slot is used; the first batch of a layout is detached and checked in full)
+        assert extra - Counter({"slice": 2, "detach": 2}) == Counter({"copy_": 2}), f"step {step}: {extra}"
         assert reads[step] == bare_reads[step] and writes[step] == bare_writes[step], f"step {step}: read or write"
     assert all(writes[s] > bare_writes[s] and reads[s] > bare_reads[s] for s in sampled)
     assert monitor._readback.copies == 2  # steps 9 and 19; the rest is read with the epoch-end reduction

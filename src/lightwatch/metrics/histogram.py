@@ -260,14 +260,25 @@ class Histogram(ReducibleStatistic):
         # per feature, instead of a binary search per value and a scatter. Four times faster at 10 bins on
         # 3,200 x 64 values, and the same counts: a value is in bin j when e_j <= x < e_{j+1}, in the last bin
         # when e_{B-1} <= x <= e_B.
+        # The comparisons go into one reused bool buffer and are counted as bytes into int32 rows: counting a
+        # fresh bool tensor into int64 took as long as the comparison itself.
         b = self.bins
-        at_least = torch.stack([(x >= self._edges[:, j]).sum(0) for j in range(b)], 1)  # [F, B]
-        above = (x > self._edges[:, b]).sum(0)
+        n = x.shape[0]
+        edges = self._edges.T.contiguous()  # [B + 1, F]
+        flags = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        as_bytes = flags.view(torch.uint8)
+        at = torch.empty((b + 1, x.shape[1]), dtype=torch.int32, device=x.device)  # at[j]: values >= e_j
+        for j in range(b):
+            torch.ge(x, edges[j], out=flags)
+            torch.sum(as_bytes, 0, dtype=torch.int32, out=at[j])
+        torch.gt(x, edges[b], out=flags)
+        torch.sum(as_bytes, 0, dtype=torch.int32, out=at[b])  # at[b]: values > e_B
+        at_least = at.T.to(torch.int64)  # [F, B + 1]
         c = self._counts
-        c[:, 0] += x.shape[0] - at_least[:, 0]
-        c[:, 1:b] += at_least[:, :-1] - at_least[:, 1:]
-        c[:, b] += at_least[:, -1] - above
-        c[:, b + 1] += above
+        c[:, 0] += n - at_least[:, 0]
+        c[:, 1:b] += at_least[:, :b - 1] - at_least[:, 1:b]
+        c[:, b] += at_least[:, b - 1] - at_least[:, b]
+        c[:, b + 1] += at_least[:, b]
 
     @property
     def counts(self) -> torch.Tensor:

@@ -11,7 +11,7 @@ from lightwatch.checks.data.fields import FieldSpec
 from lightwatch.core.batch import Field
 from lightwatch.metrics import SampleHasher
 
-__all__ = ["BUFFER_BYTES", "Buffer", "Pending", "SplitState", "row_limit"]
+__all__ = ["BUFFER_BYTES", "Buffer", "Pending", "SplitState", "SteadyBatch", "row_limit"]
 
 _NEG_INF = float("-inf")
 #: Batches are buffered for the distribution tier up to this many bytes per split, then folded in one go.
@@ -76,6 +76,8 @@ class Buffer:
         self._stage_rows: Optional[int] = None
         self._slots: Dict[int, Tuple[int, Dict[int, torch.Tensor]]] = {}  # field -> (rows, first row -> view)
         self._variable: Set[int] = set()  # fields whose sample shape varies: cloned, not staged
+        # batches of the steady layout (see add_steady): first row -> (every field's view there, staged rows)
+        self._steady: Dict[int, Tuple[List[torch.Tensor], Dict[int, int]]] = {}
 
     def fits(self, parts: List[Optional[torch.Tensor]]) -> bool:
         """Whether these fields can be concatenated with the buffered ones (same sample shapes)."""
@@ -101,6 +103,38 @@ class Buffer:
                            for old, p in zip(self.shapes, pending.parts)]
         self.nbytes += sum(p.numel() * p.element_size() for p in pending.parts if p is not None)
 
+    def add_steady(self, tensors: List[torch.Tensor], marker: int, rows: int, nbytes: int) -> bool:
+        """Buffer a batch of the layout the last batch had, every field staged: one copy for all fields.
+
+        The caller has compared the fields' shapes, dtypes and devices with a batch that :meth:`add` staged
+        (every field in the staging tensors). Returns ``False``, buffering nothing, where the staging
+        tensors cannot take it (full, or a field no longer staged): :meth:`add` then takes it.
+        """
+        fill = self._fill.get(0, 0)
+        slot = self._steady.get(fill)
+        if slot is None:  # this row's views, made once (making a view costs as much as copying a small batch)
+            views = []
+            for i in range(len(tensors)):
+                stage = self._stage.get(i)
+                if (stage is None or i in self._variable or self._fill.get(i, 0) != fill
+                        or fill + rows > stage.shape[0]):
+                    return False
+                views.append(stage.narrow(0, fill, rows))
+            slot = self._steady[fill] = (views, dict.fromkeys(range(len(tensors)), fill))
+        # one copy_ each: in a training step this costs less than one _foreach_copy_ (and its no_grad, needed
+        # there); the steady layout holds no field that requires grad
+        for view, t in zip(slot[0], tensors):
+            view.copy_(t)
+        if self.shapes is None:  # the first batch since a fold
+            self.shapes = [tuple(t.shape[1:]) for t in tensors]
+        # the views and the staged rows are shared by every batch at this slot: neither changes after
+        self.batches.append(Pending(list(slot[0]), marker, rows, None, {}, slot[1]))
+        end = fill + rows
+        for i in range(len(tensors)):
+            self._fill[i] = end
+        self.nbytes += nbytes
+        return True
+
     def _copy(self, i: int, p: torch.Tensor, pending: Pending) -> torch.Tensor:
         if i in self._variable:
             return p.clone()
@@ -113,6 +147,7 @@ class Buffer:
             self._variable.add(i)
             del self._stage[i]
             self._slots.pop(i, None)
+            self._steady.clear()
             return p.clone()
         if stage is None:
             stage = torch.empty((max(self._stage_rows, n),) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device)
@@ -124,6 +159,7 @@ class Buffer:
         slots = self._slots.get(i)
         if slots is None or slots[0] != n:
             slots = self._slots[i] = (n, {})
+            self._steady.clear()
         view = slots[1].get(fill) if fill % n == 0 else None
         if view is None:
             view = stage.narrow(0, fill, n)
@@ -157,6 +193,55 @@ class Buffer:
         self._fill.clear()
 
 
+class SteadyBatch:
+    """The layout of a split's last batch that took the full path cleanly, so the next batches of that very
+    layout can skip it (:meth:`~lightwatch.checks.data.counters.BatchCounters._observe`).
+
+    The full path compares each field's dtype and shape with the expected schema and copies each field into
+    its staging tensor: ~100 us a batch in a training step, most of it Python. A batch whose fields have the
+    shapes, dtypes, devices and ``requires_grad`` of a batch that passed the schema check with no problem,
+    every field staged, passes it again with the same result (the schema only changes when a batch differs
+    from it), so the steady path compares the layout and copies the fields into the next slot.
+
+    Args:
+        tensors: the batch's fields, in the split's field order.
+        schemas: the monitor's schema dict the batch was checked against (a restored state replaces it).
+
+    Example:
+        >>> import torch
+        >>> schemas = {}
+        >>> steady = SteadyBatch([torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)], schemas)
+        >>> steady.rows, steady.values, steady.nbytes
+        (4, [12, 4], 80)
+        >>> steady.matches([torch.ones(4, 3), torch.ones(4, dtype=torch.long)], schemas)
+        True
+        >>> steady.matches([torch.ones(5, 3), torch.ones(5, dtype=torch.long)], schemas)  # another batch size
+        False
+    """
+
+    __slots__ = ("layout", "rows", "values", "nbytes", "schemas")
+
+    def __init__(self, tensors: List[torch.Tensor], schemas: Dict[str, Any]) -> None:
+        self.layout = self.layout_of(tensors)
+        self.rows = int(tensors[0].shape[0])
+        self.values = [t.numel() for t in tensors]
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.schemas = schemas
+
+    @staticmethod
+    def layout_of(tensors: List[torch.Tensor]) -> List[Tuple[Any, ...]]:
+        # the device as its index (-1: CPU): building a torch.device per field and batch costs more
+        return [(t.shape, t.dtype, t.get_device(), t.requires_grad) for t in tensors]
+
+    def matches(self, tensors: List[torch.Tensor], schemas: Dict[str, Any]) -> bool:
+        if schemas is not self.schemas or len(tensors) != len(self.layout):
+            return False
+        for t, (shape, dtype, device, requires_grad) in zip(tensors, self.layout):
+            if t.dtype is not dtype or t.shape != shape or t.requires_grad or t.get_device() != device:
+                return False
+        return True
+
+
 class SplitState:
     """Everything the monitor keeps for one split (``train``, ``val``, ``test``...).
 
@@ -184,6 +269,7 @@ class SplitState:
         self.hasher = SampleHasher()
         self.seen = SampleHasher()
         self.buffer = Buffer()
+        self.steady: Optional[SteadyBatch] = None
         self.epoch_samples = 0  # local, since the last reduction
         self.epoch_batches = 0
         self.glob_samples = 0  # reduced, this epoch so far
@@ -212,6 +298,7 @@ class SplitState:
         for stat in list(self.acc.values()) + list(self.glob.values()):
             stat.reset()
         self.buffer.clear()
+        self.steady = None  # the first batch of an epoch takes the full path (the sampler's padding is read anew)
         self.hasher.reset()
         self.seen.reset()
         self.epoch_samples = self.epoch_batches = self.glob_samples = self.glob_batches = 0

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from lightwatch.checks.data.buffers import BUFFER_BYTES, Pending, SplitState
+from lightwatch.checks.data.buffers import BUFFER_BYTES, Pending, SplitState, SteadyBatch
 from lightwatch.checks.data.fields import FieldSpec, feature_matrix
 from lightwatch.core.readback import HostReadback
 from lightwatch.core.reduce import agree_max, all_reduce_flat
@@ -56,6 +56,24 @@ class BatchCounters:
         tensors = [self.selector.get(batch, s.field) for s in sp.specs]
         if not tensors:
             return
+        steady = sp.steady
+        if steady is not None and steady.matches(tensors, self._schemas) and \
+                sp.buffer.add_steady(tensors, marker, steady.rows, steady.nbytes):
+            n = steady.rows
+            sp.batches += 1
+            sp.epoch_batches += 1
+            sp.batches_in_epoch += 1
+            sp.pending = True
+            sp.rows_seen += n
+            sp.samples += n
+            sp.epoch_samples += n
+            values = sp.values
+            for i, count in enumerate(steady.values):
+                values[i] += count
+            if sp.buffer.nbytes >= BUFFER_BYTES:
+                self._fold(sp)
+            return
+        sp.steady = None
         n = int(tensors[0].shape[0])
         sp.batches += 1
         sp.epoch_batches += 1
@@ -74,6 +92,7 @@ class BatchCounters:
         sp.epoch_samples += keep
         parts: List[Optional[torch.Tensor]] = []
         loose: Dict[int, torch.Tensor] = {}
+        errors_before = sp.schema_errors
         for i, (s, t) in enumerate(zip(sp.specs, tensors)):
             usable, is_loose = self._check_schema(sp, s, t, marker)
             if not usable or t.dim() == 0 or t.shape[0] != n:
@@ -99,7 +118,12 @@ class BatchCounters:
         if not direct:  # kept past this hook: copy, since training code may change the batch in place
             ids = None if ids is None else ids.clone()
             loose = {i: v.clone() for i, v in loose.items()}
-        sp.buffer.add(Pending(parts, marker, keep, ids, loose), copy=not direct)
+        pending = Pending(parts, marker, keep, ids, loose)
+        sp.buffer.add(pending, copy=not direct)
+        if (not direct and keep == n and ids is None and not loose and sp.row_limit is None and not sp.driven
+                and sp.schema_errors == errors_before and len(pending.staged) == len(parts)
+                and not any(t.requires_grad for t in tensors)):
+            sp.steady = SteadyBatch(tensors, self._schemas)  # the next batch of this layout takes the short path
         if direct or sp.buffer.nbytes >= BUFFER_BYTES:
             self._fold(sp)
 
