@@ -8,13 +8,17 @@ variants interleaved in shuffled rounds in one process, per-step wall time taken
 - ``per-batch``: the per-batch tier alone (``distribution=False, duplicates=False``): non-finite,
   range and label checks on every batch, read once per logging period;
 - ``full``: the defaults, i.e. both tiers: per-feature moments and histograms, label counts and sample
-  hashes on every batch, reduced and checked at the end of the epoch.
+  hashes on every batch, reduced and checked at the end of the epoch;
+- ``full-no-short-path``: the defaults with every batch taking the full path of the hook (schema checked
+  field by field), as before batches of a known layout were only compared and copied: what the short
+  path saves (``lightwatch.checks.data.counters.SHORT_PATH``).
 
 Each run is one epoch whose last step carries the epoch-end reduction and checks, so the amortized
 ratio (mean step time over the run, watched / bare; median and IQR over rounds) charges the distribution
 tier its epoch end once per run, which is more often than in real training. Because the difference of
 two noisy means is itself noisy on a busy machine, the time spent inside the monitor's hooks is also
-measured directly and reported as a share of the bare step time (``hook share``).
+measured directly and reported as a share of the bare step time (``hook share``), and the per-batch hook
+alone: the median time of ``on_train_batch_start`` on unlogged steps (no fold due), over all rounds.
 
     OMP_NUM_THREADS=1 python bench/data_quality.py                        # all workloads
     OMP_NUM_THREADS=1 python bench/data_quality.py --workloads mlp --rounds 3 --steps 60
@@ -41,6 +45,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from workloads import WORKLOADS, make  # noqa: E402
 
 from lightwatch.callbacks import DataQualityMonitor  # noqa: E402
+from lightwatch.checks.data import counters  # noqa: E402
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -52,6 +57,7 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     "bare": None,
     "per-batch": {"distribution": False, "duplicates": False},
     "full": {},
+    "full-no-short-path": {},
 }
 HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_epoch_start", "on_train_epoch_end",
          "on_train_end")
@@ -71,35 +77,41 @@ class StepTimer(pl.Callback):
         return [b - a for a, b in zip(self.starts, self.starts[1:])]
 
 
-def timed(monitor: DataQualityMonitor) -> List[float]:
-    """Wrap the monitor's hooks (on the instance) so the time spent inside them is summed."""
+def timed(monitor: DataQualityMonitor) -> Tuple[List[float], List[float]]:
+    """Wrap the monitor's hooks (on the instance): the time spent inside them, summed, and the time of each
+    ``on_train_batch_start`` call of an unlogged step (the per-batch hook alone, no fold due)."""
     spent = [0.0]
+    per_batch: List[float] = []
 
-    def wrap(fn: Callable) -> Callable:
+    def wrap(name: str, fn: Callable) -> Callable:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                spent[0] += took
+                if name == "on_train_batch_start" and not monitor.sampled:
+                    per_batch.append(took)
         return inner
 
     for name in HOOKS:
-        setattr(monitor, name, wrap(getattr(monitor, name)))
-    return spent
+        setattr(monitor, name, wrap(name, getattr(monitor, name)))
+    return spent, per_batch
 
 
-def run_once(workload: str, variant: str, steps: int, log_dir: str) -> Tuple[List[float], float]:
+def run_once(workload: str, variant: str, steps: int, log_dir: str) -> Tuple[List[float], float, List[float]]:
     factory, loader = make(workload, steps)
     pl.seed_everything(0, verbose=False)
     timer = StepTimer()
     callbacks: List[pl.Callback] = [timer]
-    spent = [0.0]
+    spent, per_batch = [0.0], []
     settings = VARIANTS[variant]
+    counters.SHORT_PATH = variant != "full-no-short-path"
     if settings is not None:
         monitor = DataQualityMonitor(profile_path=None, **settings)
-        spent = timed(monitor)
+        spent, per_batch = timed(monitor)
         callbacks.append(monitor)
     trainer = pl.Trainer(
         max_steps=steps, log_every_n_steps=50, accelerator="cpu", devices=1, callbacks=callbacks,
@@ -107,7 +119,7 @@ def run_once(workload: str, variant: str, steps: int, log_dir: str) -> Tuple[Lis
         logger=pl.loggers.TensorBoardLogger(log_dir, name=workload), limit_val_batches=0,
     )
     trainer.fit(factory(), loader)
-    return timer.step_times(), spent[0]
+    return timer.step_times(), spent[0], per_batch
 
 
 def iqr(values: List[float]) -> float:
@@ -129,21 +141,24 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
     print(f"{args.rounds} rounds of {args.steps} steps (one epoch, epoch end included), first {args.warmup} left "
           f"out\n")
-    print("| workload | tier | bare step (ms) | amortized ratio (median) | IQR | hook share | hook time / step (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | tier | bare step (ms) | amortized ratio (median) | IQR | hook share | hook time / step (ms) "
+          "| per-batch hook, unlogged step (us, median) |")
+    print("|---|---|---|---|---|---|---|---|")
     for workload in args.workloads:
         for v in VARIANTS:  # warm-up of every variant
             run_once(workload, v, args.warmup + 5, args.log_dir)
         times: Dict[str, List[List[float]]] = {v: [] for v in VARIANTS}
         hooks: Dict[str, List[float]] = {v: [] for v in VARIANTS}
+        batch_hook: Dict[str, List[float]] = {v: [] for v in VARIANTS}
         for _ in range(args.rounds):
             order = list(VARIANTS)
             random.shuffle(order)
             for v in order:
-                steps, spent = run_once(workload, v, args.steps, args.log_dir)
+                steps, spent, per_batch = run_once(workload, v, args.steps, args.log_dir)
                 times[v].append(steps[args.warmup:])
                 hooks[v].append(spent)
-        for v in ("per-batch", "full"):
+                batch_hook[v] += per_batch[args.warmup:]
+        for v in ("per-batch", "full", "full-no-short-path"):
             ratios, shares, per_step, bare_means = [], [], [], []
             for bare, watched, spent in zip(times["bare"], times[v], hooks[v]):
                 bare_mean = statistics.fmean(bare)
@@ -153,7 +168,8 @@ def main() -> None:
                 shares.append(spent / args.steps / bare_mean)
             print(f"| {WORKLOADS[workload]} | {v} | {1e3 * statistics.median(bare_means):.1f} | "
                   f"{statistics.median(ratios):.3f} | {iqr(ratios):.3f} | {100 * statistics.median(shares):.2f}% | "
-                  f"{1e3 * statistics.median(per_step):.2f} |", flush=True)
+                  f"{1e3 * statistics.median(per_step):.2f} | {1e6 * statistics.median(batch_hook[v]):.0f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

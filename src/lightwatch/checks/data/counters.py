@@ -32,6 +32,9 @@ HIST_VALUES_PER_SAMPLE = 64
 # so their float64 copy and temporaries stay small whatever the buffer holds.
 FOLD_BLOCK_VALUES = 1 << 18
 _HIST_SEED = 0x5EED
+#: Whether batches of the last clean batch's layout take the short path (:class:`SteadyBatch`); switched off
+#: only to measure what it saves (``bench/data_quality.py``'s ``full-no-short-path``).
+SHORT_PATH = True
 
 
 class BatchCounters:
@@ -57,7 +60,7 @@ class BatchCounters:
         if not tensors:
             return
         steady = sp.steady
-        if steady is not None and steady.matches(tensors, self._schemas) and \
+        if steady is not None and SHORT_PATH and steady.matches(tensors, self._schemas) and \
                 sp.buffer.add_steady(tensors, marker, steady.rows, steady.nbytes):
             n = steady.rows
             sp.batches += 1
