@@ -38,6 +38,11 @@ class ValueStack:
 
     def stack(self, raw: Sequence[Any], device: torch.device) -> torch.Tensor:
         """One float32 vector on ``device`` (0 where a value is missing)."""
+        if device.type == "cpu" and all(v is None or not isinstance(v, torch.Tensor) or v.device.type == "cpu"
+                                        for v in raw):
+            # host numbers and CPU tensors: read here (no device to wait for), one tensor built from them
+            # instead of one per value (~10 us each inside a training step)
+            return torch.tensor([0.0 if v is None else float(v) for v in raw], dtype=torch.float32)
         items: List[torch.Tensor] = []
         for v in raw:
             if isinstance(v, torch.Tensor) and v.device == device:
