@@ -9,6 +9,7 @@ Lightning's ``EarlyStopping`` and ``ModelCheckpoint`` can monitor lightwatch sta
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import sys
@@ -83,6 +84,8 @@ class SummaryEncoder:
 
     def __init__(self) -> None:
         self._heads: Dict[str, bytes] = {}
+        # (prefix, tags) -> the tags' headers: a callback writes the same tags in the same order step after step
+        self._runs: Dict[Tuple[str, Tuple[str, ...]], List[bytes]] = {}
 
     def _head(self, tag: str) -> bytes:
         head = self._heads.get(tag)
@@ -99,12 +102,15 @@ class SummaryEncoder:
         from tensorboard.compat.proto.event_pb2 import Event
 
         data = floats.tobytes() if sys.byteorder == "little" else _swapped(floats)
-        head = self._head
-        parts: List[bytes] = []
-        for i, tag in enumerate(tags):
-            parts.append(head(prefix + tag if prefix else tag))
-            parts.append(data[4 * i:4 * i + 4])
-        summary = b"".join(parts)
+        key = (prefix, tuple(tags))
+        heads = self._runs.get(key)
+        if heads is None:
+            head = self._head
+            heads = [head(prefix + tag if prefix else tag) for tag in key[1]]
+            if len(self._runs) < 256:
+                self._runs[key] = heads
+        values = [data[i:i + 4] for i in range(0, 4 * len(heads), 4)]
+        summary = b"".join(itertools.chain.from_iterable(zip(heads, values)))
         return Event.FromString(b"\x2a" + _varint(len(summary)) + summary)
 
 
