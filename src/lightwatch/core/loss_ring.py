@@ -2,7 +2,8 @@
 
 :class:`~lightwatch.callbacks.metric_monitor.MetricMonitor` writes one value per optimizer step (one small device
 copy, no host read) and, at a check, reads three scores and the block of losses since the previous check, all
-computed on the device and read together with the check's other values:
+computed on the device and read together with the check's other values (on the CPU, where a read waits for
+nothing, the losses are read at the check and the same scores computed on host numbers):
 
 - ``step_z``: the largest robust z of the steps since the last check against the median/MAD of the 50 steps
   before them (a spike). On the fault suite's healthy runs the largest z over a run was 1.3 to 8.1 (MAD floored
