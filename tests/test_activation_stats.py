@@ -249,8 +249,8 @@ def test_patterns_that_select_nothing_fail_clearly(tmp_path: Any) -> None:
 def test_hooks_do_nothing_outside_sampled_training_steps(tmp_path: Any, seed: int) -> None:
     monitor = ActivationStatsMonitor(every_n_steps=5)
     calls: List[int] = []
-    original = monitor._record
-    monitor._record = lambda *a, **k: (calls.append(1), original(*a, **k))  # count, then do the real work
+    original = monitor._sums.record
+    monitor._sums.record = lambda *a, **k: (calls.append(1), original(*a, **k))  # count, then do the real work
     trainer = make_trainer(tmp_path, [monitor], max_steps=10, log_every_n_steps=5, limit_val_batches=2,
                            val_check_interval=5)
     trainer.fit(Classifier(depth=1), make_loader(), make_loader(n=32))
