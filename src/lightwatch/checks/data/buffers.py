@@ -104,7 +104,8 @@ class Buffer:
         self.nbytes += sum(p.numel() * p.element_size() for p in pending.parts if p is not None)
 
     def add_steady(self, tensors: List[torch.Tensor], marker: int, rows: int, nbytes: int) -> bool:
-        """Buffer a batch of the layout the last batch had, every field staged: one copy for all fields.
+        """Buffer a batch of the layout the last batch had, every field staged: each field copied into the
+        next rows of its staging tensor, through views made once per row.
 
         The caller has compared the fields' shapes, dtypes and devices with a batch that :meth:`add` staged
         (every field in the staging tensors). Returns ``False``, buffering nothing, where the staging
