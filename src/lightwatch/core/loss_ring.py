@@ -304,14 +304,20 @@ class LossRing:
 
     # The same three scores from host numbers (the CPU path of :meth:`scores`): each line mirrors its device
     # twin above, NaN included (a comparison with NaN is false, as torch.where's condition is).
+    def _host_window(self, recent_n: int) -> Optional[Tuple[List[float], List[float]]]:
+        """The 50 steps before the last ``recent_n`` and those ``recent_n`` (None until they exist)."""
+        if self.count - recent_n < STEP_SPIKE_WINDOW:
+            return None
+        values = self._host_values(recent_n + STEP_SPIKE_WINDOW)
+        assert values is not None
+        return values[:STEP_SPIKE_WINDOW], values[STEP_SPIKE_WINDOW:]
+
     def _host_step_spike_score(self, new: int) -> Optional[float]:
         assert self.ring is not None
-        new = min(new, self.ring.numel() - STEP_SPIKE_WINDOW)
-        if self.count - new < STEP_SPIKE_WINDOW:
+        window = self._host_window(min(new, self.ring.numel() - STEP_SPIKE_WINDOW))
+        if window is None:
             return None
-        values = self._host_values(new + STEP_SPIKE_WINDOW)
-        assert values is not None
-        base, recent = values[:STEP_SPIKE_WINDOW], values[STEP_SPIKE_WINDOW:]
+        base, recent = window
         median, mad = _host_center(base)
         if math.isnan(median):  # no finite value in the window: no z (the device path's NaNs score 0)
             return 0.0
@@ -326,12 +332,10 @@ class LossRing:
 
     def _host_shift_score(self, new: int) -> Optional[float]:
         assert self.ring is not None
-        recent_n = min(max(new, _SHIFT_RECENT_MIN), self.ring.numel() - STEP_SPIKE_WINDOW)
-        if self.count - recent_n < STEP_SPIKE_WINDOW:
+        window = self._host_window(min(max(new, _SHIFT_RECENT_MIN), self.ring.numel() - STEP_SPIKE_WINDOW))
+        if window is None:
             return None
-        values = self._host_values(recent_n + STEP_SPIKE_WINDOW)
-        assert values is not None
-        base, recent = values[:STEP_SPIKE_WINDOW], values[STEP_SPIKE_WINDOW:]
+        base, recent = window
         median, mad = _host_center(base)
         level, _ = _host_center(recent)
         z = (level - median) / (_MAD_TO_SIGMA * mad + 0.01 * abs(median) + 1e-12)
