@@ -116,3 +116,69 @@ def test_monitor_holds_about_one_percent_of_the_watched_weights(tmp_path: Any) -
     assert max(reader.kept) < 0.2 * watched  # a full copy would be all of it
     ratios = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("/update_ratio")}
     assert ratios and all(0 < r < 1 for r in ratios.values())
+
+
+def test_weights_in_another_memory_layout_are_read_where_they_live() -> None:
+    """A ``channels_last`` weight is sampled in its own layout, a weight whose elements are not one dense block of
+    memory is copied whole: both see the optimizer's in-place update (a flat copy of either would not)."""
+    conv = nn.Parameter(torch.randn(64, 32, 3, 3).to(memory_format=torch.channels_last))
+    base = torch.randn(64, 64)
+    strided = base.t()[:, :40]  # a view that is neither contiguous nor dense
+    snap = WeightSnapshot()
+    snap.take([conv, strided])
+    assert snap.kept_elements < conv.numel() + strided.numel()
+    with torch.no_grad():
+        conv.mul_(1.01)
+        base.mul_(1.02)  # moves the strided view's elements too
+    before_sq, delta_sq = snap.norms_sq([conv, strided])
+    assert (delta_sq / before_sq).sqrt().tolist() == pytest.approx([0.01, 0.02], rel=1e-4)
+
+
+class _ChannelsLastConv(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).relu().mean((2, 3)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class _TrueConvRatio(pl.Callback):
+    """The conv layer's update ratio from a full copy of its parameters, on the steps the monitor samples."""
+
+    def __init__(self) -> None:
+        self.before: List[torch.Tensor] = []
+        self.ratios: List[float] = []
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.before = [p.detach().clone() for p in pl_module.conv.parameters()]
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        now = list(pl_module.conv.parameters())
+        delta = sum(float((p.detach() - b).square().sum()) for p, b in zip(now, self.before))
+        before = sum(float(b.square().sum()) for b in self.before)
+        self.ratios.append((delta / before) ** 0.5)
+
+
+def test_monitor_reads_the_update_of_channels_last_weights(tmp_path: Any) -> None:
+    pl.seed_everything(0)
+    model = _ChannelsLastConv().to(memory_format=torch.channels_last)
+    assert not model.conv.weight.is_contiguous()
+    monitor = GradientStatsMonitor(every_n_steps=4, group_by="module")
+    truth = _TrueConvRatio()
+    trainer = make_trainer(tmp_path, [monitor, truth], max_steps=4, log_every_n_steps=4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 10, 10, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 4, (64,), generator=g)),
+                                         batch_size=16)
+    trainer.fit(model, loader)
+    logged = float(trainer.callback_metrics["monitor.param/conv/update_ratio"])
+    assert logged == pytest.approx(truth.ratios[3], rel=0.1)  # the last step was sampled

@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from lightwatch.core.histogram import HIST_BINS, histogram_row
-from lightwatch.core.runtime import local_tensor
+from lightwatch.core.runtime import dense_flat_view, local_tensor
 
 __all__ = ["GradientReader", "ShapePlan", "WeightSnapshot", "fused_norms", "group_stats", "ring_summary"]
 
@@ -77,7 +77,8 @@ class ShapePlan:
         norms = torch.zeros(self.size, dtype=torch.float32, device=self.device)
         absmax = torch.zeros(self.size, dtype=torch.float32, device=self.device) if with_absmax else None
         for chunk, index in self.chunks:
-            stacked = torch.stack([tensors[j] for j in chunk]).view(len(chunk), -1)
+            # reshape, not view: a stack of channels_last tensors keeps their layout
+            stacked = torch.stack([tensors[j] for j in chunk]).reshape(len(chunk), -1)
             float32 = stacked.dtype == torch.float32
             norms.index_copy_(0, index, torch.linalg.vector_norm(stacked, dim=1) if float32 else
                               torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float32))
@@ -122,6 +123,15 @@ class WeightSnapshot:
     percent at ``k' >= 1024`` (``tests/test_update_ratio.py`` measures it against the full copy). Elements are
     taken at a fixed stride across the whole flat tensor, so every row (unit) of a weight matrix contributes.
 
+    The kept elements are views of the parameters' memory, made once and reused while a parameter keeps its
+    storage. A parameter in another memory layout (``channels_last`` weights) is read in its layout; one
+    whose elements do not fill one dense block of memory is copied whole.
+
+    Blocks of neighbouring elements (one cache line each) would make the two copies of a sampled step about
+    0.3-0.5 ms cheaper on a deep MLP's 128 tensors, but they are worth fewer independent elements: on a
+    convolution and an embedding after SGD steps the largest error doubled (0.06 -> 0.13), so single
+    elements are kept.
+
     Args:
         fraction: share of a large tensor's elements kept (``1.0``: copy everything, exact).
         min_elements: tensors up to this size are copied whole; larger ones keep at least this many elements.
@@ -159,7 +169,7 @@ class WeightSnapshot:
     def _stride(self, t: torch.Tensor) -> int:
         n = t.numel()
         keep = max(self.min_elements, int(math.ceil(self.fraction * n)))
-        if n <= keep:
+        if n <= keep or dense_flat_view(t) is None:
             return 1
         # coprime with the row length, so the kept elements run through every column of every row: a stride
         # that divides it would keep a few input columns only, whose updates need not be typical
@@ -171,7 +181,11 @@ class WeightSnapshot:
 
     @staticmethod
     def _view(t: torch.Tensor, stride: int) -> torch.Tensor:
-        flat = local_tensor(t.detach()).reshape(-1)
+        """A flat view of the kept elements of ``t``'s memory (``t`` itself where its elements are not one
+        dense block of memory: copied whole). A view, never a copy: it must see the optimizer's update."""
+        flat = dense_flat_view(local_tensor(t.detach()))
+        if flat is None:
+            return local_tensor(t.detach())
         return flat if stride == 1 else flat[stride // 2::stride]
 
     def _views_of(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -188,7 +202,7 @@ class WeightSnapshot:
             self._views = [self._view(p, s) for p, s in zip(params, self._strides)]
             self._view_storages = storages
             self._flat = bool(self._views) and all(v.dtype == torch.float32 and v.device == self._views[0].device
-                                                   for v in self._views)
+                                                   and v.dim() == 1 for v in self._views)
         return self._views
 
     def take(self, params: Sequence[torch.Tensor]) -> None:

@@ -13,6 +13,8 @@ from typing import List
 
 import torch
 
+from lightwatch.core.runtime import dense_flat_view
+
 __all__ = ["HIST_BINS", "histogram_row", "HistogramData", "decode_histogram_row", "spread_sample", "strided_sample"]
 
 HIST_BINS = 64
@@ -37,7 +39,8 @@ def _every(t: torch.Tensor, max_values: int, spread: bool) -> torch.Tensor:
         step += 1
     if t.is_contiguous():  # the same values as reshape(-1)[::step], in one call instead of two
         return t.as_strided((-(-n // step),), (step,))
-    return t.reshape(-1)[::step]
+    flat = dense_flat_view(t)  # e.g. channels_last: sampled in memory order, without copying the whole tensor
+    return (flat if flat is not None else t.reshape(-1))[::step]
 
 
 def spread_sample(t: torch.Tensor, max_values: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "dense_flat_view",
     "logging_step",
     "run_dir",
     "is_global_zero",
@@ -98,6 +99,31 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
         return t
     to_local: Optional[Any] = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def dense_flat_view(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """A flat view of the memory ``t``'s elements fill, in memory order (``t``'s own order when it is
+    contiguous; ``channels_last`` weights in their layout); None when they do not fill one dense block.
+
+    ``reshape(-1)`` of a tensor that is not contiguous is a copy: a weight snapshot built from it never saw the
+    optimizer's update (every ``channels_last`` weight read an update ratio of 0), and a sample of an
+    activation copied the whole output first.
+
+    Example:
+        >>> w = torch.arange(24.0).reshape(2, 3, 2, 2).to(memory_format=torch.channels_last)
+        >>> dense_flat_view(w).tolist() == w.permute(0, 2, 3, 1).reshape(-1).tolist()
+        True
+        >>> dense_flat_view(torch.ones(4, 4)[:, :2]) is None
+        True
+    """
+    if t.is_contiguous():
+        return t.view(-1)
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 def learning_rates(trainer: Any) -> List[float]:
