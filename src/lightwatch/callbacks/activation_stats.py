@@ -14,7 +14,8 @@ from lightwatch.checks.activation import (DeadUnitsCheck, GrowthCheck, LayerRead
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.gc_pause import gc_paused
-from lightwatch.core.histogram import HIST_BINS, decode_histogram_row, histogram_row, spread_sample, strided_sample
+from lightwatch.core.histogram import (HIST_BINS, decode_histogram_row, histogram_row, spread_sample, spread_step,
+                                       strided_sample)
 from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.readback import HostReadback
 from lightwatch.core.reduce import all_reduce_flat
@@ -112,6 +113,8 @@ class _StepSums:
         self.counts: List[float] = []  # flat: _COUNT_WIDTH per module
         self.calls = 0
         self.segment_ids: Optional[torch.Tensor] = None
+        self._spread_steps: Dict[int, int] = {}  # output size -> stride of its zero-count sample
+        self._alive_dims: Dict[Tuple[int, bool], List[int]] = {}  # (output dims, channel first) -> reduced dims
 
     def layout(self, sample_size: int, rectifier: List[bool], nonnegative: List[bool]) -> None:
         """One slot per watched module, in selection order."""
@@ -156,21 +159,28 @@ class _StepSums:
         # Three reductions over the whole output, into the module's slot; everything else on a strided sample
         # or from shapes. A second call of the module goes to the scratch row and is merged below.
         floats, saturated = self._slots[-1 if again else i]
-        torch.sum(y, dim=None, dtype=torch.float32, out=floats[0])
-        torch.linalg.vector_norm(y, dtype=torch.float32, out=floats[1])
-        if y.dtype == torch.float32:
+        if y.dtype == torch.float32:  # no dtype argument: asking for the dtype the input has takes a slower path
+            torch.sum(y, dim=None, out=floats[0])
+            torch.linalg.vector_norm(y, out=floats[1])
             if n > _APART:  # amin and amax apart: 20-40% cheaper than aminmax on large outputs
                 torch.amin(y, dim=(), out=floats[2])
                 torch.amax(y, dim=(), out=floats[3])
             else:
                 torch.aminmax(y, out=(floats[2], floats[3]))
-        else:  # out= must match the input's dtype
+        else:  # float32 sums of half-precision outputs; min and max in the input's dtype (out= must match it)
+            torch.sum(y, dim=None, dtype=torch.float32, out=floats[0])
+            torch.linalg.vector_norm(y, dtype=torch.float32, out=floats[1])
             lo, hi = torch.aminmax(y)
             floats[2].copy_(lo)
             floats[3].copy_(hi)
         # count_nonzero on a strided view: 2.5x cheaper than bool().sum(), 4x cheaper than a sum into out=; the
-        # 0-d results are stacked once in `pack` (a copy into the slot per module cost as much as the count)
-        spread = spread_sample(y, min(self.sample_size, ZERO_SAMPLE))
+        # 0-d results are stacked once in `pack` (a copy into the slot per module cost as much as the count).
+        # The view's stride is worked out once per output size (`y` is already detached).
+        step = self._spread_steps.get(n)
+        if step is None:
+            step = self._spread_steps[n] = spread_step(n, min(self.sample_size, ZERO_SAMPLE))
+        spread = y.as_strided((-(-n // step),), (step,)) if y.is_contiguous() else spread_sample(
+            y, min(self.sample_size, ZERO_SAMPLE))
         nonzero = torch.count_nonzero(spread)
         previous = self.nonzero[i]
         self.nonzero[i] = nonzero if previous is None else previous + nonzero
@@ -207,10 +217,13 @@ class _StepSums:
         alive where it is not 0 (NaN counts as alive, as with ``ne``), compared for all modules in `pack`."""
         per_sample = y.numel() // max(y.shape[0], 1)
         rows = y if y.numel() <= 4 * self.sample_size else y[: max(1, (4 * self.sample_size) // max(per_sample, 1))]
-        if channel_first and y.dim() >= 3:  # [B, C, ...]: a unit is a channel
-            dims = [0, *range(2, rows.dim())]
-        else:  # [..., F]: a unit is a feature of the last dimension
-            dims = list(range(rows.dim() - 1))
+        dims = self._alive_dims.get((rows.dim(), channel_first))
+        if dims is None:
+            if channel_first and y.dim() >= 3:  # [B, C, ...]: a unit is a channel
+                dims = [0, *range(2, rows.dim())]
+            else:  # [..., F]: a unit is a feature of the last dimension
+                dims = list(range(rows.dim() - 1))
+            self._alive_dims[(rows.dim(), channel_first)] = dims
         # one reduction without a mask copy, 4x cheaper than ne + any; ReLU outputs need no abs
         magnitude = (rows if self.nonnegative[i] else rows.abs()).amax(dim=dims)
         prev = self.alive[i]
@@ -268,13 +281,16 @@ class _StepSums:
     @staticmethod
     def unpack(values: List[float], modules: int,
                with_units: List[int]) -> Tuple[_Rows, _Rows, _Rows, List[float], int]:
-        """The SUM rows, counts, MAX rows and alive units per module, and where the histogram rows start."""
+        """Columns, one value per module each: the SUM columns (``_SUM_WIDTH``), the count columns
+        (``_COUNT_WIDTH``) and the MAX columns (``_MAX_WIDTH``); the alive units per module, and where the
+        histogram rows start. Columns are strided slices of ``values``: one C-level copy each, no list per module.
+        """
         m = modules
-        sums = [values[i * _SUM_WIDTH:(i + 1) * _SUM_WIDTH] for i in range(m)]
+        sums = [values[k:m * _SUM_WIDTH:_SUM_WIDTH] for k in range(_SUM_WIDTH)]
         base = m * _SUM_WIDTH
-        counts = [values[base + i * _COUNT_WIDTH: base + (i + 1) * _COUNT_WIDTH] for i in range(m)]
+        counts = [values[base + k:base + m * _COUNT_WIDTH:_COUNT_WIDTH] for k in range(_COUNT_WIDTH)]
         base += m * _COUNT_WIDTH
-        maxes = [values[base + i * _MAX_WIDTH: base + (i + 1) * _MAX_WIDTH] for i in range(m)]
+        maxes = [values[base + k:base + m * _MAX_WIDTH:_MAX_WIDTH] for k in range(_MAX_WIDTH)]
         base += m * _MAX_WIDTH
         alive_counts = [0.0] * m
         for j, i in enumerate(with_units):
@@ -577,31 +593,30 @@ class _ActivationStatsMonitor(MonitorCallback):
 
         stats: List[Tuple[str, Dict[str, float]]] = []
         layers: List[LayerReading] = []  # what the checks judge
-        for i, name in enumerate(self._names):
-            s, c, mx = sums[i], counts[i], maxes[i]
-            n, n_sample = c[_C_N], c[_C_SAMPLE]
-            if c[_C_CALLS] == 0 or n == 0:
+        isfinite, sqrt, nan, inf = math.isfinite, math.sqrt, float("nan"), float("inf")
+        units_of = self._units or [0] * len(self._names)
+        # one pass over the columns, in their index order (_S_*, _C_*, _M_*); a sampled step goes through every
+        # watched module here
+        for (i, name, total, square, nonzero, saturated, n, n_sample, calls, n_zero, neg_min, hi, units, rectifier,
+             bounded) in zip(range(len(self._names)), self._names, *sums, *counts, *maxes, units_of, self._rectifier,
+                             self._bounded):
+            if calls == 0 or n == 0:
                 continue
-            mean = s[_S_SUM] / n
-            var = max(s[_S_SQ] / n - mean * mean, 0.0) if math.isfinite(mean) else float("nan")
-            nonfinite = not (math.isfinite(mx[_M_NEG_MIN]) and math.isfinite(mx[_M_MAX]))
-            row = {
-                "mean": mean,
-                "std": math.sqrt(var) if math.isfinite(var) else float("nan"),
-                "absmax": float("inf") if nonfinite else max(mx[_M_NEG_MIN], mx[_M_MAX]),
-                "zero_frac": 1.0 - s[_S_NONZERO] / c[_C_ZERO_SAMPLE],
-                "nonfinite": float(nonfinite),
-            }
-            units = self._units[i] if self._units else 0
-            if self._rectifier[i] and units > 0:
-                row["dead_frac"] = (units - alive_counts[i]) / units
-            if self._bounded[i]:
-                row["saturation"] = s[_S_SAT] / n_sample
+            mean = total / n
+            var = max(square / n - mean * mean, 0.0) if isfinite(mean) else nan
+            nonfinite = not (isfinite(neg_min) and isfinite(hi))
+            std = sqrt(var) if isfinite(var) else nan
+            row = {"mean": mean, "std": std, "absmax": inf if nonfinite else max(neg_min, hi),
+                   "zero_frac": 1.0 - nonzero / n_zero, "nonfinite": float(nonfinite)}
+            dead = per_unit = saturation = None
+            if rectifier and units > 0:
+                dead = row["dead_frac"] = (units - alive_counts[i]) / units
+                per_unit = n / units
+            if bounded:
+                saturation = row["saturation"] = saturated / n_sample
             stats.append((name, row))
-            layers.append(LayerReading(
-                name, order[i], row["mean"], row["std"], nonfinite=nonfinite, activation=self._activation[i],
-                dead_frac=row.get("dead_frac"), samples_per_unit=n / units if "dead_frac" in row else None,
-                saturation=row.get("saturation")))
+            layers.append(LayerReading(name, order[i], mean, std, nonfinite, self._activation[i], dead, per_unit,
+                                       saturation))
 
         flagged = [name for name, row in stats if row["nonfinite"] > 0]
         keep = set(top_k_subjects([n for n, _ in stats], [r["absmax"] for _, r in stats], self.top_k, flagged))

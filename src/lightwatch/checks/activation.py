@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -52,9 +52,11 @@ __all__ = [
 _LAST = 1 << 30  # forward position of a layer that did not run
 
 
-@dataclass(frozen=True)
-class LayerReading:
+class LayerReading(NamedTuple):
     """What the callback read from one watched layer's output at one sampled step (reduced over ranks).
+
+    A named tuple (immutable; a third of a frozen dataclass's cost to build, and one is built per watched
+    module every sampled step).
 
     Attributes:
         name: the module's name in the model.

@@ -15,7 +15,7 @@ import torch
 
 from lightwatch.core.runtime import dense_flat_view
 
-__all__ = ["HIST_BINS", "histogram_row", "HistogramData", "decode_histogram_row", "spread_sample", "strided_sample"]
+__all__ = ["HIST_BINS", "histogram_row", "HistogramData", "decode_histogram_row", "spread_sample", "spread_step", "strided_sample"]
 
 HIST_BINS = 64
 # Layout of one packed row: [min, max, count(finite), sum, sum_sq, nonfinite, counts[bins]].
@@ -34,13 +34,27 @@ def _every(t: torch.Tensor, max_values: int, spread: bool) -> torch.Tensor:
     n = t.numel()
     if n <= max_values:
         return t.reshape(-1)
-    step = -(-n // max_values)
-    while spread and (step % 2 == 0 or step % 3 == 0 or step % 5 == 0 or step % 7 == 0):
-        step += 1
+    step = spread_step(n, max_values) if spread else -(-n // max_values)
     if t.is_contiguous():  # the same values as reshape(-1)[::step], in one call instead of two
         return t.as_strided((-(-n // step),), (step,))
     flat = dense_flat_view(t)  # e.g. channels_last: sampled in memory order, without copying the whole tensor
     return (flat if flat is not None else t.reshape(-1))[::step]
+
+
+def spread_step(n: int, max_values: int) -> int:
+    """The stride :func:`spread_sample` takes on ``n`` values: the smallest keeping at most ``max_values`` that
+    is prime to 2, 3, 5 and 7 (1 when all ``n`` fit).
+
+    Example:
+        >>> spread_step(64 * 256, 4096), spread_step(100, 4096)
+        (11, 1)
+    """
+    if n <= max_values:
+        return 1
+    step = -(-n // max_values)
+    while step % 2 == 0 or step % 3 == 0 or step % 5 == 0 or step % 7 == 0:
+        step += 1
+    return step
 
 
 def spread_sample(t: torch.Tensor, max_values: int) -> torch.Tensor:

@@ -160,7 +160,8 @@ class MonitorWriter:
         if not values:
             return
         self.scalar_writes += 1
-        floats = array("f", [float(v) for v in values.values()])  # float32; out-of-range values become inf
+        # float32 (out-of-range values become inf); anything with __float__ converts in C, without a float() call
+        floats = array("f", values.values())
         callback_metrics = _callback_metrics(trainer)
         if isinstance(callback_metrics, dict):
             # views of a tensor that owns its memory: a third cheaper to make than views of one that wraps the
