@@ -10,6 +10,16 @@ from torch import nn
 
 from conftest import Classifier, make_loader, make_trainer, read_alerts, read_events, scalars
 from lightwatch import ActivationStatsMonitor
+from lightwatch.callbacks import activation_stats
+
+
+@pytest.fixture(params=["stacked", "in the hook"])
+def small_outputs(request: Any, monkeypatch: Any) -> str:
+    """Both ways a small output is reduced: copied in its hook and reduced with the others of its shape (the
+    default on the CPU), or reduced in its hook, as larger outputs are."""
+    if request.param == "in the hook":
+        monkeypatch.setattr(activation_stats, "_SMALL_OUTPUT", 0)
+    return str(request.param)
 
 
 class OutputRecorder(pl.Callback):
@@ -38,7 +48,7 @@ class OutputRecorder(pl.Callback):
         self._step = -1
 
 
-def test_values_match_direct_computation(tmp_path: Any, seed: int) -> None:
+def test_values_match_direct_computation(tmp_path: Any, seed: int, small_outputs: str) -> None:
     recorder = OutputRecorder(steps=[0, 4, 9])
     monitor = ActivationStatsMonitor(histogram_every_n_steps=10)
     trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=10, log_every_n_steps=5)
@@ -82,7 +92,7 @@ class SharedAndHalf(Classifier):
         return self.net(second + branch)
 
 
-def test_a_shared_layer_merges_its_calls_and_low_precision_outputs_are_read(tmp_path: Any, seed: int) -> None:
+def test_a_shared_layer_merges_its_calls_and_low_precision_outputs_are_read(tmp_path: Any, seed: int, small_outputs: str) -> None:
     model = SharedAndHalf()
     monitor = ActivationStatsMonitor(every_n_steps=3, histogram_every_n_steps=0, include=["shared", "low"])
     recorder = _StepCalls(model)
@@ -125,7 +135,7 @@ class InPlaceStack(Classifier):
         return self.net[2](self.blocks(self.net[1](self.net[0](x))))
 
 
-def test_an_output_overwritten_in_place_later_reports_its_own_values(tmp_path: Any, seed: int) -> None:
+def test_an_output_overwritten_in_place_later_reports_its_own_values(tmp_path: Any, seed: int, small_outputs: str) -> None:
     """A Linear whose output a ReLU(inplace=True) overwrites reports the output it returned, at every sampled
     step (the statistics are read when the module returns, not later)."""
     recorder = OutputRecorder(steps=[0, 2, 5, 8])
@@ -169,7 +179,7 @@ def test_dead_units_and_saturation(tmp_path: Any, seed: int) -> None:
             assert scalars(acc, "monitor.act/net.1/saturation")[1] > 0.9
 
 
-def test_first_nonfinite_module_in_forward_order_is_named(tmp_path: Any, seed: int) -> None:
+def test_first_nonfinite_module_in_forward_order_is_named(tmp_path: Any, seed: int, small_outputs: str) -> None:
     model = Classifier(depth=3)
 
     class PoisonWeights(pl.Callback):

@@ -43,6 +43,12 @@ _COUNT_WIDTH = 4
 ZERO_SAMPLE = 4096
 # Outputs larger than this many values get their min and max from two reductions instead of one aminmax.
 _APART = 32768
+# Small outputs on the CPU (at most _SMALL_OUTPUT values) are copied in the hook and reduced together, a chunk of
+# at most _SMALL_CHUNK values at a time: a reduction call costs a few microseconds whatever its size, so on a
+# model of many small modules five reductions a module were most of the sampled step. Larger outputs are
+# reduced in the hook, where their bytes cost more than the calls.
+_SMALL_OUTPUT = 4096
+_SMALL_CHUNK = 1 << 16
 _Rows = List[List[float]]  # one row of floats per module, as read back on the host
 _STATS = ("mean", "std", "absmax", "zero_frac", "nonfinite", "dead_frac", "saturation")  # written per module
 # Modules whose outputs are exactly zero for inactive units: where "dead units" mean something.
@@ -103,7 +109,9 @@ class _StepSums:
         self.modules = 0
         self.rectifier: List[bool] = []
         self.nonnegative: List[bool] = []  # rectifiers whose outputs are never negative (ReLU, ReLU6)
-        self.floats: Optional[torch.Tensor] = None  # [M + 1, 4]: Σy, ‖y‖, min, max; the last row is scratch
+        # [M + 1, 5]: Σy, ‖y‖, min, max, non-zeros of outputs reduced in a stack (see `_flush`); the last row is
+        # scratch
+        self.floats: Optional[torch.Tensor] = None
         self.ints: Optional[torch.Tensor] = None  # [M + 1]: saturated values in the sample
         self._slots: List[Tuple[List[torch.Tensor], torch.Tensor]] = []  # 0-d views of each row, made once
         self.alive: List[Optional[torch.Tensor]] = []
@@ -113,6 +121,11 @@ class _StepSums:
         self.counts: List[float] = []  # flat: _COUNT_WIDTH per module
         self.calls = 0
         self.segment_ids: Optional[torch.Tensor] = None
+        # small outputs waiting for `_flush`: (module, flat copy), and how many values they hold
+        self._pending: List[Tuple[int, torch.Tensor]] = []
+        self._pending_values = 0
+        # index tensors of groups of modules (small outputs reduced together, counts to add), made once
+        self._chunk_index: Dict[Tuple[int, ...], torch.Tensor] = {}
         self._spread_steps: Dict[int, int] = {}  # output size -> stride of its zero-count sample
         self._alive_dims: Dict[Tuple[int, bool], List[int]] = {}  # (output dims, channel first) -> reduced dims
 
@@ -122,6 +135,7 @@ class _StepSums:
         self.modules = len(rectifier)
         self.rectifier, self.nonnegative = rectifier, nonnegative
         self.floats = self.ints = None
+        self._chunk_index = {}
         self._clear()
 
     def _clear(self) -> None:
@@ -132,17 +146,20 @@ class _StepSums:
         self.hist = [None] * m
         self.order = [-1] * m
         self.calls = 0
+        self._pending = []
+        self._pending_values = 0
 
     def _start(self, device: torch.device) -> None:
         """At a step's first record: the buffers on ``device`` (made once), every slot empty: zero sums, no
         min (+inf), no max (-inf), which is what a module that is not called this step contributes."""
         if self.floats is None or self.floats.device != device:
-            self.floats = torch.empty(self.modules + 1, 4, device=device, dtype=torch.float32)
+            self.floats = torch.empty(self.modules + 1, 5, device=device, dtype=torch.float32)
             self.ints = torch.empty(self.modules + 1, device=device, dtype=torch.int64)
             self._slots = [(list(f.unbind(0)), n) for f, n in zip(self.floats, self.ints.unbind(0))]
         self.floats[:, :2].zero_()
         self.floats[:, 2].fill_(float("inf"))
         self.floats[:, 3].fill_(-float("inf"))
+        self.floats[:, 4].zero_()
         self.ints.zero_()
 
     def record(self, i: int, y: torch.Tensor, saturation: Any, channel_first: bool, histogram: bool) -> None:
@@ -156,6 +173,12 @@ class _StepSums:
         if not again:
             self.order[i] = self.calls
             self.calls += 1
+            if (n <= _SMALL_OUTPUT and saturation is None and not histogram and not self.rectifier[i]
+                    and y.dtype == torch.float32 and y.device.type == "cpu"):
+                self._defer(i, y, n)
+                return
+        elif self._pending:  # its first output may be waiting: the slot must hold it before the merge
+            self._flush()
         # Three reductions over the whole output, into the module's slot; everything else on a strided sample
         # or from shapes. A second call of the module goes to the scratch row and is merged below.
         floats, saturated = self._slots[-1 if again else i]
@@ -201,6 +224,47 @@ class _StepSums:
         if histogram and self.hist[i] is None:
             self.hist[i] = histogram_row(sample, HIST_BINS, self.sample_size)
 
+    def _defer(self, i: int, y: torch.Tensor, n: int) -> None:
+        """Copy a small output now (the caller may change it in place later: residual additions often do)
+        and reduce it with the others of its shape in :meth:`_flush`. Its zero count reads all its values."""
+        self._pending.append((i, y.clone()))
+        counts, at = self.counts, i * _COUNT_WIDTH
+        counts[at + _C_N] += n
+        counts[at + _C_ZERO_SAMPLE] += n
+        counts[at + _C_CALLS] += 1
+        self._pending_values += n
+        if self._pending_values >= _SMALL_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Reduce the waiting small outputs at once: outputs of one shape are stacked and reduced along rows (sum,
+        norm, min and max, non-zeros: five calls for the whole stack; NaN propagates as in the per-output
+        reductions), then written into their modules' slots in one call."""
+        pending, self._pending, self._pending_values = self._pending, [], 0
+        if not pending or self.floats is None:
+            return
+        by_shape: Dict[Tuple[int, ...], List[Tuple[int, torch.Tensor]]] = {}
+        for item in pending:
+            by_shape.setdefault(item[1].shape, []).append(item)
+        for group in by_shape.values():
+            index = self._index_of(tuple(i for i, _ in group), self.floats.device)
+            x = torch.stack([v for _, v in group]).reshape(len(group), -1)
+            # along rows: amin and amax apart, and non-zeros as a sum of signs (aminmax, count_nonzero and
+            # comparisons with 0 take a slow path there, 10-40 us on 32 x 2,048 values against 3-5 us); a NaN
+            # counts as non-zero, as with count_nonzero
+            sums, norms, lo, hi = x.sum(1), torch.linalg.vector_norm(x, dim=1), x.amin(1), x.amax(1)
+            nonzero = torch.nan_to_num_(x.abs_().sign_(), nan=1.0).sum(1)  # the stack is ours: in place
+            self.floats.index_copy_(0, index, torch.stack([sums, norms, lo, hi, nonzero], 1))
+
+    def _index_of(self, ids: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """An index tensor of ``ids`` on ``device``, made once (the same groups come back every sampled step)."""
+        index = self._chunk_index.get(ids)
+        if index is None or index.device != device:
+            if len(self._chunk_index) > 64:  # a few groups a step; a model whose calls vary gets no more
+                self._chunk_index.clear()
+            index = self._chunk_index[ids] = torch.tensor(ids, device=device)
+        return index
+
     def _merge(self, i: int) -> None:
         """Merge the scratch row (a module's second output in a step) into module ``i``'s slot; min and max
         propagate NaN, so a non-finite output stays visible."""
@@ -236,10 +300,15 @@ class _StepSums:
         device = self.floats.device
         if self.calls == 0:  # no watched module ran this step: every slot empty (the ranks still all-reduce)
             self._start(device)
+        self._flush()
         m = self.modules
         floats = self.floats[:m]
-        none = torch.zeros((), dtype=torch.int64, device=device)
-        nonzero = torch.stack([none if c is None else c for c in self.nonzero]).float()
+        # non-zeros: the stacked outputs' column, plus the counts of the outputs reduced in their hooks
+        counted = tuple(i for i, c in enumerate(self.nonzero) if c is not None)
+        nonzero = floats[:, 4]
+        if counted:
+            nonzero = nonzero.index_add(0, self._index_of(counted, device),
+                                        torch.stack([self.nonzero[i] for i in counted]).float())
         saturated = self.ints[:m].float()
         sums = torch.stack([floats[:, 0], floats[:, 1].square(), nonzero, saturated], 1)  # [M, _SUM_WIDTH]
         maxes = torch.stack([floats[:, 2].neg(), floats[:, 3]], 1)  # [M, _MAX_WIDTH]: -min, max
