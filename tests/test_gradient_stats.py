@@ -140,6 +140,29 @@ def test_top_k_and_module_grouping(tmp_path: Any, seed: int) -> None:
     assert acc.Tags()["histograms"] == []
 
 
+def test_top_k_writes_every_nonfinite_parameter_too(tmp_path: Any, seed: int) -> None:
+    """A parameter whose gradient holds NaN/Inf is written however small its finite part (non-finite norms rank
+    first), then the largest finite norms up to ``top_k``; the alert counts the bad values of all of them."""
+    class PoisonGrad(pl.Callback):
+        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.fit_loop.epoch_loop._batches_that_stepped == 4:
+                pl_module.net[0].bias.grad[:2] = float("nan")
+                pl_module.net[4].bias.grad[0] = float("inf")
+
+    recorder = GradientRecorder()
+    monitor = GradientStatsMonitor(top_k=3, exclude=[], nonfinite_action="log", histogram_every_n_steps=0)
+    trainer = make_trainer(tmp_path, [recorder, PoisonGrad(), monitor], max_steps=5, log_every_n_steps=5)
+    trainer.fit(Classifier(), make_loader())
+    acc = read_events(trainer.log_dir)
+    written = {t.split("/")[1] for t in acc.Tags()["scalars"] if t.startswith("monitor.grad/") and t.endswith("/norm")
+               and "_total" not in t and 4 in scalars(acc, t)}
+    finite = {name: float(g.norm()) for name, g in recorder.grads[4].items() if torch.isfinite(g).all()}
+    assert written == {max(finite, key=finite.get), "net.0.bias", "net.4.bias"}
+    assert scalars(acc, "monitor.grad/net.0.bias/nonfinite")[4] == 2.0
+    (alert,) = [a for a in read_alerts(str(tmp_path)) if a["rule"] == "grad_nonfinite"]
+    assert alert["step"] == 4 and alert["value"] == 3.0
+
+
 def test_patterns_that_select_nothing_fail_clearly(tmp_path: Any) -> None:
     monitor = GradientStatsMonitor(include=[r"^encoder\."])
     trainer = make_trainer(tmp_path, [monitor], max_steps=2)

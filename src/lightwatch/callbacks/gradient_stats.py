@@ -14,7 +14,8 @@ from lightwatch.core.lightning import bind, default_package
 from lightwatch.core.alerts import check_severity
 from lightwatch.core.callback import MonitorCallback
 from lightwatch.core.gc_pause import gc_paused
-from lightwatch.core.gradient_reader import GradientReader, WeightSnapshot, fused_norms, group_stats, ring_summary
+from lightwatch.core.gradient_reader import (GradientReader, WeightSnapshot, fused_norms, group_norms, group_stats,
+                                             ring_summary)
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row
 from lightwatch.core.readback import HostReadback
 from lightwatch.core.reduce import all_reduce_flat
@@ -317,10 +318,12 @@ class _GradientStatsMonitor(MonitorCallback):
         offset += self._ring_packed
         absmax = values[offset:offset + n]
         offset += n
-        subjects = group_stats(self._groups, grad_sq, absmax, nonfinite, present, p_sq, before_sq, delta_sq)
-        flagged = [name for name, s in subjects if s["grad.nonfinite"] != 0 or not math.isfinite(s["grad.norm"])]
-        keep = set(top_k_subjects([s[0] for s in subjects], [s[1]["grad.norm"] for s in subjects], self.top_k,
-                                  always=flagged))
+        # the groups written (the largest norms, every non-finite one) are picked first: only they get a row
+        norms = group_norms(self._groups, grad_sq, nonfinite, present)
+        flagged = [name for name, norm, bad in norms if bad != 0 or not math.isfinite(norm)]
+        keep = set(top_k_subjects([n for n, _, _ in norms], [v for _, v, _ in norms], self.top_k, always=flagged))
+        groups = self._groups if len(keep) == len(norms) else [g for g in self._groups if g[0] in keep]
+        subjects = group_stats(groups, grad_sq, absmax, nonfinite, present, p_sq, before_sq, delta_sq)
 
         scalars: Dict[str, float] = {}
         total_sq = sum(grad_sq[i] for i in range(n) if present[i])
@@ -367,7 +370,8 @@ class _GradientStatsMonitor(MonitorCallback):
 
         if self.diagnose:
             self._diagnose_step(trainer, pl_module, step, present, moves, depth)
-        total_bad = sum(s["grad.nonfinite"] for n_, s in subjects if n_ in flagged)
+        bad_groups = set(flagged)
+        total_bad = sum(bad for name, _, bad in norms if name in bad_groups)
         self.raise_finding(trainer, pl_module, checks.nonfinite_gradient_finding(
             flagged, total_bad, self.nonfinite_severity, self.nonfinite_action, step))
 

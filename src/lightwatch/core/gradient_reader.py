@@ -9,7 +9,8 @@ import torch
 from lightwatch.core.histogram import HIST_BINS, histogram_row
 from lightwatch.core.runtime import dense_flat_view, local_tensor
 
-__all__ = ["GradientReader", "ShapePlan", "WeightSnapshot", "fused_norms", "group_stats", "ring_summary"]
+__all__ = ["GradientReader", "ShapePlan", "WeightSnapshot", "fused_norms", "group_norms", "group_stats",
+           "ring_summary"]
 
 # Tensors up to this many elements are reduced on the CPU from stacks of tensors of one shape (see `ShapePlan`):
 # copying them costs less than a call each. The stacks hold at most _SMALL_GROUP elements, so the memory they
@@ -334,6 +335,27 @@ class GradientReader:
             else:
                 rows.append(histogram_row(local_tensor(t.detach()), HIST_BINS).to(device))
         return torch.stack(rows)
+
+
+def group_norms(groups: Sequence[Tuple[str, List[int]]], grad_sq: Sequence[float], nonfinite: Sequence[float],
+                present: Sequence[float]) -> List[Tuple[str, float, float]]:
+    """``(name, gradient norm, non-finite count)`` of each group with a gradient: what picks the groups that
+    are written (the largest norms, and every non-finite one) before :func:`group_stats` builds their rows.
+
+    Example:
+        >>> group_norms([("net.0", [0, 1]), ("net.1", [2])], [9.0, 16.0, 1.0], [0.0, 0.0, 2.0], [1.0, 1.0, 0.0])
+        [('net.0', 5.0, 0.0)]
+    """
+    sqrt = math.sqrt
+    out: List[Tuple[str, float, float]] = []
+    for name, idx in groups:
+        if len(idx) == 1:  # per-parameter grouping, the default: no inner loop
+            i = idx[0]
+            if present[i]:
+                out.append((name, sqrt(grad_sq[i]), nonfinite[i]))
+        elif any(present[i] for i in idx):
+            out.append((name, sqrt(sum(grad_sq[i] for i in idx)), sum(nonfinite[i] for i in idx)))
+    return out
 
 
 def group_stats(groups: Sequence[Tuple[str, List[int]]], grad_sq: Sequence[float], absmax: Sequence[float],
