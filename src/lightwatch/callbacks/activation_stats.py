@@ -83,6 +83,11 @@ def first_tensor(output: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def _compiled(module: nn.Module) -> bool:
     """Whether ``module`` or a submodule is a ``torch.compile`` wrapper."""
     try:
@@ -121,7 +126,7 @@ class _StepSums:
         self.counts: List[float] = []  # flat: _COUNT_WIDTH per module
         self.calls = 0
         self.segment_ids: Optional[torch.Tensor] = None
-        # small outputs waiting for `_flush`: (module, flat copy), and how many values they hold
+        # small outputs waiting for `_flush`: (module, copy of its output), and how many values they hold
         self._pending: List[Tuple[int, torch.Tensor]] = []
         self._pending_values = 0
         # index tensors of groups of modules (small outputs reduced together, counts to add), made once
@@ -173,8 +178,9 @@ class _StepSums:
         if not again:
             self.order[i] = self.calls
             self.calls += 1
+            # (not while dynamo traces the hooks of a compiled model: it keeps the reductions in its graph)
             if (n <= _SMALL_OUTPUT and saturation is None and not histogram and not self.rectifier[i]
-                    and y.dtype == torch.float32 and y.device.type == "cpu"):
+                    and y.dtype == torch.float32 and y.device.type == "cpu" and not _compiling()):
                 self._defer(i, y, n)
                 return
         elif self._pending:  # its first output may be waiting: the slot must hold it before the merge
