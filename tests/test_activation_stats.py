@@ -92,7 +92,8 @@ class SharedAndHalf(Classifier):
         return self.net(second + branch)
 
 
-def test_a_shared_layer_merges_its_calls_and_low_precision_outputs_are_read(tmp_path: Any, seed: int, small_outputs: str) -> None:
+def test_a_shared_layer_merges_its_calls_and_low_precision_outputs_are_read(tmp_path: Any, seed: int,
+                                                                          small_outputs: str) -> None:
     model = SharedAndHalf()
     monitor = ActivationStatsMonitor(every_n_steps=3, histogram_every_n_steps=0, include=["shared", "low"])
     recorder = _StepCalls(model)
@@ -135,7 +136,8 @@ class InPlaceStack(Classifier):
         return self.net[2](self.blocks(self.net[1](self.net[0](x))))
 
 
-def test_an_output_overwritten_in_place_later_reports_its_own_values(tmp_path: Any, seed: int, small_outputs: str) -> None:
+def test_an_output_overwritten_in_place_later_reports_its_own_values(tmp_path: Any, seed: int,
+                                                                     small_outputs: str) -> None:
     """A Linear whose output a ReLU(inplace=True) overwrites reports the output it returned, at every sampled
     step (the statistics are read when the module returns, not later)."""
     recorder = OutputRecorder(steps=[0, 2, 5, 8])

@@ -15,7 +15,8 @@ import torch
 
 from lightwatch.core.runtime import dense_flat_view
 
-__all__ = ["HIST_BINS", "histogram_row", "HistogramData", "decode_histogram_row", "spread_sample", "spread_step", "strided_sample"]
+__all__ = ["HIST_BINS", "histogram_row", "HistogramData", "decode_histogram_row", "spread_sample", "spread_step",
+           "strided_sample"]
 
 HIST_BINS = 64
 # Layout of one packed row: [min, max, count(finite), sum, sum_sq, nonfinite, counts[bins]].
