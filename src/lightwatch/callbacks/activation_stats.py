@@ -83,11 +83,6 @@ def first_tensor(output: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
-
-
 def _compiled(module: nn.Module) -> bool:
     """Whether ``module`` or a submodule is a ``torch.compile`` wrapper."""
     try:
@@ -180,7 +175,7 @@ class _StepSums:
             self.calls += 1
             # (not while dynamo traces the hooks of a compiled model: it keeps the reductions in its graph)
             if (n <= _SMALL_OUTPUT and saturation is None and not histogram and not self.rectifier[i]
-                    and y.dtype == torch.float32 and y.device.type == "cpu" and not _compiling()):
+                    and y.dtype == torch.float32 and y.device.type == "cpu" and not torch.compiler.is_compiling()):
                 self._defer(i, y, n)
                 return
         elif self._pending:  # its first output may be waiting: the slot must hold it before the merge
