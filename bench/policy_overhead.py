@@ -29,7 +29,9 @@ the same round's bare run), the fit-start seconds (wall time from
 ``trainer.fit`` to the start of step 1: setup, ``on_fit_start``, the data scan, step 0) and the peak extra
 memory: the RSS high-water mark of a fresh child process per variant, which imports every variant's
 packages first and then resets the mark (``/proc/self/clear_refs``; the imports' transient peak would hide
-a small model's training), minus the bare child's (``torch.cuda.max_memory_allocated`` on a GPU).
+a small model's training), minus the bare child's (``torch.cuda.max_memory_allocated`` on a GPU), and of that
+extra, the resident pages of shared libraries' code the variant's kernels brought in (``RssFile`` at the end,
+against the bare child's: counted by the high-water mark, but shared, read-only and reclaimable).
 
     OMP_NUM_THREADS=1 python bench/policy_overhead.py                           # short: 2 rounds, 50 steps
     OMP_NUM_THREADS=1 python bench/policy_overhead.py --rounds 5 --measured 100 \\
@@ -315,6 +317,19 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _rss_file_bytes() -> Optional[int]:
+    """RssFile of /proc/self/status: resident pages mapped from files (shared libraries' code, read-only and
+    shared with every process that maps them, dropped by the kernel under pressure); ``None`` where unknown."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def memory_child(workload: str, variant: str, interval: Optional[int], steps: int, accelerator: str) -> None:
     """In a fresh process: import what every variant imports, train one variant, print its high-water marks.
     The RSS high-water mark is reset after the imports: importing reaches a transient peak above a small
@@ -331,6 +346,7 @@ def memory_child(workload: str, variant: str, interval: Optional[int], steps: in
         result = run_once(workload, variant, interval, steps, min(steps - 1, 1), directory, accelerator)
     peak = _peak_rss_bytes()
     record = {"rss_peak_bytes": peak, "ru_maxrss_bytes": peak,  # the older name too, for a parent of before
+              "rss_file_bytes": _rss_file_bytes(),
               "rss_peak_since": "training" if reset else "process start",
               "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if accelerator == "gpu" else None,
               "state_bytes": result["state_bytes"]}
@@ -358,6 +374,12 @@ def measure_memory(workload: str, names: Sequence[str], interval: int, steps: in
         record["peak_extra_bytes"] = record[key] - bare if bare is not None else None
         record["peak_extra_share"] = (record["peak_extra_bytes"] / record["state_bytes"]
                                       if bare is not None and record["state_bytes"] else None)
+        # of the extra, the pages of shared libraries' code that the variant's kernels brought in (the
+        # high-water mark counts them; they are shared, read-only and reclaimable, not memory a run holds)
+        bare_file = peaks.get(BARE, {}).get("rss_file_bytes")
+        record["code_pages_extra_bytes"] = (record["rss_file_bytes"] - bare_file if key == "rss_peak_bytes"
+                                            and bare_file is not None and record.get("rss_file_bytes") is not None
+                                            else None)
     return peaks
 
 
@@ -450,6 +472,7 @@ def summarise(workload: str, interval: int, names: Sequence[str],
             "state_bytes": runs[0]["state_bytes"],
             "peak_bytes": mem.get("peak_bytes"), "peak_extra_bytes": mem.get("peak_extra_bytes"),
             "peak_extra_share": mem.get("peak_extra_share"),
+            "code_pages_extra_bytes": mem.get("code_pages_extra_bytes"),
             "hooks": hook_records,
         })
     return records
@@ -467,7 +490,8 @@ def markdown(workload: str, interval: int, records: List[Dict[str, Any]], clock:
               + (f" Every run failed for: {', '.join(failed)}." if failed else ""), ""]
     headers = ["variant", "ratio (median)", "IQR", "extra per step (ms)", "inside lightwatch per step (ms)",
                "other threads, extra per step (ms)", "inside, unsampled step (us)", "inside, sampled step (ms)", "sampled-step extra (ms)",
-               "fit start (s)", "epoch + fit end, inside (ms)", "peak extra (MB)", "peak extra / state"]
+               "fit start (s)", "epoch + fit end, inside (ms)", "peak extra (MB)", "of which code pages (MB)",
+               "peak extra / state"]
     rows = []
     for r in records:
         lightwatch = r["variant"] in (DEFAULT, STRICT) or r["variant"].startswith(SINGLE)
@@ -478,7 +502,7 @@ def markdown(workload: str, interval: int, records: List[Dict[str, Any]], clock:
                      fmt(r["sampled_inside_ms"], 2) if lightwatch else "-",
                      fmt(r["sampled_step_extra_ms"], 2), fmt(r["fit_start_s"], 2),
                      fmt(r["end_inside_ms"], 2) if lightwatch else "-",
-                     mb(r["peak_extra_bytes"]), share(r["peak_extra_share"])])
+                     mb(r["peak_extra_bytes"]), mb(r.get("code_pages_extra_bytes")), share(r["peak_extra_share"])])
     lines += markdown_table(headers, rows) + [""]
     for r in records:
         if r["variant"] in (DEFAULT, STRICT):  # collapsible blocks on the documentation site (pymdownx.details)
