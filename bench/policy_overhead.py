@@ -489,7 +489,8 @@ def markdown(workload: str, interval: int, records: List[Dict[str, Any]], clock:
               f"{mb(bare['state_bytes'])} MB; {bare['rounds']} rounds."
               + (f" Every run failed for: {', '.join(failed)}." if failed else ""), ""]
     headers = ["variant", "ratio (median)", "IQR", "extra per step (ms)", "inside lightwatch per step (ms)",
-               "other threads, extra per step (ms)", "inside, unsampled step (us)", "inside, sampled step (ms)", "sampled-step extra (ms)",
+               "other threads, extra per step (ms)", "inside, unsampled step (us)", "inside, sampled step (ms)",
+               "sampled-step extra (ms)",
                "fit start (s)", "epoch + fit end, inside (ms)", "peak extra (MB)", "of which code pages (MB)",
                "peak extra / state"]
     rows = []
@@ -512,6 +513,26 @@ def markdown(workload: str, interval: int, records: List[Dict[str, Any]], clock:
                                     for h in r["hooks"] if h["unsampled_us"] > 0.05 or h["sampled_ms"] > 5e-4])
             lines += ["    " + line for line in table] + [""]
     return lines
+
+
+def memory_table(workload: str, memory: Dict[str, Dict[str, Any]], names: Sequence[str]) -> List[str]:
+    """The peak extra memory of each variant (``--memory-only``): all of it, the shared libraries' code pages
+    among it, and the rest (anonymous memory: what the run holds), each also as a share of the model +
+    optimizer state."""
+    state = next((m["state_bytes"] for m in memory.values() if m.get("state_bytes")), None)
+    lines = [f"### {workload} ({describe(workload)}): peak extra memory", "",
+             f"Model + optimizer state {mb(state)} MB.", ""]
+    rows = []
+    for variant in names:
+        m = memory.get(variant)
+        if m is None:
+            continue
+        extra, code = m.get("peak_extra_bytes"), m.get("code_pages_extra_bytes")
+        rest = extra - code if extra is not None and code is not None else None
+        rows.append([variant, mb(extra), share(m.get("peak_extra_share")), mb(code), mb(rest),
+                     share(rest / state if rest is not None and state else None)])
+    return lines + markdown_table(["variant", "peak extra (MB)", "/ state", "of which code pages (MB)",
+                                   "the rest (MB)", "the rest / state"], rows) + [""]
 
 
 def render(report: Dict[str, Any]) -> List[str]:
@@ -569,6 +590,9 @@ def _main(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
     ap.add_argument("--variants", nargs="+", default=None, help="a subset of the variants (bare is always run)")
     ap.add_argument("--no-wandb", action="store_true", help="leave out wandb.watch")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant child processes for memory")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="measure the peak extra memory only (one child per variant), not the time: for the large "
+                         "workloads, whose steps take seconds")
     ap.add_argument("--memory-steps", type=int, default=0,
                     help="steps of each memory child (default: twice the smallest interval + 1)")
     ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
@@ -617,6 +641,18 @@ def _main(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
     print("\n".join(lines), flush=True)
     records: List[Dict[str, Any]] = []
     report: Dict[str, Any] = {}
+    if args.memory_only:
+        lines = lines[:1] + [f"memory only: one fresh child process per variant, {memory_steps} steps at interval "
+                             f"{min(args.intervals)}; the RSS high-water mark after the imports"] + lines[2:]
+        print(lines[1], flush=True)
+        for workload in args.workloads:
+            memory = measure_memory(workload, names, min(args.intervals), memory_steps, args.accelerator,
+                                    timeout=1800)
+            records += [{"workload": workload, "variant": v, **memory[v]} for v in names if v in memory]
+            lines += memory_table(workload, memory, names)
+            print("\n".join(memory_table(workload, memory, names)), flush=True)
+        _write(lines, args.markdown, {"machine": info, "config": config, "records": records}, args.json)
+        return {"records": records}
     for workload in args.workloads:
         results = measure(workload, names, args.intervals, args.rounds, args.warmup, args.measured,
                           not args.no_warmup_round, args.accelerator, args.hook_timer)
