@@ -65,3 +65,25 @@ def test_step_positions_reports_each_position_and_the_sampled_step(capsys):
     rows = [line for line in out.splitlines() if line.startswith("pair 1 ")]
     assert len(rows) == 2 and all(" 0:" in r and " 1:" in r and " 2:" in r for r in rows)  # every position
     assert "x a bare step" in out
+
+
+def test_memory_only_splits_the_peak_into_code_pages_and_the_rest(tmp_path):
+    sys.path.insert(0, BENCH)
+    try:
+        import policy_overhead
+    finally:
+        sys.path.remove(BENCH)
+    out, table = tmp_path / "memory.json", tmp_path / "memory.md"
+    policy_overhead.main(["--workloads", "tiny", "--intervals", "2", "--memory-only", "--no-wandb",
+                          "--variants", "monitor=default", "--json", str(out), "--markdown", str(table)])
+    records = {r["variant"]: r for r in json.loads(out.read_text())["records"]}
+    assert sorted(records) == ["bare", "monitor=default"]  # one fresh child process each
+    bare, default = records["bare"], records["monitor=default"]
+    assert bare["peak_extra_bytes"] == 0 and bare["code_pages_extra_bytes"] == 0
+    assert bare["state_bytes"] > 0 and default["rss_peak_bytes"] > 0
+    if default["rss_file_bytes"] is not None:  # Linux: RssFile of /proc/self/status
+        assert isinstance(default["code_pages_extra_bytes"], int)
+        # the kernels lightwatch runs map pages of torch's code that bare training does not touch
+        assert default["code_pages_extra_bytes"] > 0
+    text = table.read_text()
+    assert "peak extra memory" in text and "| of which code pages (MB) |" in text and "| monitor=default |" in text
