@@ -117,3 +117,21 @@ def test_shape_plan_matches_each_tensor_reduced_alone() -> None:
         assert absmax[j].item() == pytest.approx(expected_max, rel=1e-6), j
     # without absmax, the same norms
     assert torch.equal(ShapePlan(tensors).reduce(tensors)[0][:-1], norms[:-1])
+
+
+class _Sharded(torch.Tensor):
+    """A tensor subclass with ``to_local``, as a DTensor has: its local shard is its first half."""
+
+    def to_local(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor)[: self.shape[0] // 2]
+
+
+def test_local_tensors_keeps_plain_lists_and_takes_shards_of_the_others():
+    from lightwatch.core.runtime import local_tensor, local_tensors
+
+    plain = [torch.zeros(4), torch.nn.Parameter(torch.ones(2))]
+    assert local_tensors(plain) is plain  # no new list, no call per tensor
+    mixed = [torch.zeros(4), torch.arange(6.0).as_subclass(_Sharded)]
+    out = local_tensors(mixed)
+    assert out is not mixed and out[0] is mixed[0]
+    assert out[1].tolist() == [0.0, 1.0, 2.0] == local_tensor(mixed[1]).tolist()

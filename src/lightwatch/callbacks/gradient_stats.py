@@ -19,7 +19,8 @@ from lightwatch.core.gradient_reader import (GradientReader, WeightSnapshot, fus
 from lightwatch.core.histogram import HIST_BINS, decode_histogram_row
 from lightwatch.core.readback import HostReadback
 from lightwatch.core.reduce import all_reduce_flat
-from lightwatch.core.runtime import is_sharded_strategy, learning_rates, local_tensor, logging_step, lr_rising
+from lightwatch.core.runtime import (is_sharded_strategy, learning_rates, local_tensor, local_tensors, logging_step,
+                                     lr_rising)
 from lightwatch.core.selection import Selection, top_k_subjects
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -221,7 +222,7 @@ class _GradientStatsMonitor(MonitorCallback):
         if self._stats_step == step:  # several optimizers in one step: the gradients were read already
             return
         if self._norm_every_step:
-            grads = [local_tensor(p.grad) for p in self._all_params if p.grad is not None]
+            grads = local_tensors([p.grad for p in self._all_params if p.grad is not None])
             if grads:
                 if self._ring is None:
                     self._ring = torch.zeros(self._ring_size, device=grads[0].device, dtype=torch.float32)
@@ -283,7 +284,7 @@ class _GradientStatsMonitor(MonitorCallback):
 
     def _pack(self) -> torch.Tensor:
         """One flat buffer: SUM part (squares and counts), MAX part, then histograms."""
-        params = [local_tensor(p) for p in self._params]  # read under no_grad: no detach needed
+        params = local_tensors(self._params)  # read under no_grad: no detach needed
         p_norm_sq = self._reader.parameter_norms(params).square()
         if self._snapshot.pending:
             before_sq, delta_sq = self._snapshot.norms_sq(self._params)

@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from lightwatch.core.histogram import HIST_BINS, histogram_row
-from lightwatch.core.runtime import dense_flat_view, local_tensor
+from lightwatch.core.runtime import dense_flat_view, local_tensor, local_tensors
 
 __all__ = ["GradientReader", "ShapePlan", "WeightSnapshot", "fused_norms", "group_norms", "group_stats",
            "ring_summary"]
@@ -198,7 +198,7 @@ class WeightSnapshot:
         storage (optimizers update in place; a moved or re-created parameter gets new views)."""
         # where each parameter's data starts: a moved or re-created parameter starts elsewhere (a tensor's own
         # data_ptr costs a fraction of building its storage object, which matters on hundreds of parameters)
-        storages = [local_tensor(p).data_ptr() for p in params]
+        storages = [p.data_ptr() for p in local_tensors(list(params))]
         if self._strides is None or len(self._strides) != len(params):
             self._strides = [self._stride(local_tensor(p)) for p in params]
             self._scale = self._lengths = None
@@ -296,7 +296,7 @@ class GradientReader:
         if not present:
             return rows
         params = self.params
-        grads = [local_tensor(params[i].grad) for i in present]  # read under no_grad: no detach needed
+        grads = local_tensors([params[i].grad for i in present])  # read under no_grad: no detach needed
         index = self._index(present, device)
         if device.type == "cuda":  # fused multi-tensor kernels: a few launches whatever the count
             norms = fused_norms(grads)
