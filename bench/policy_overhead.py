@@ -638,13 +638,13 @@ def _main(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
                                                       "wandb.watch left out"]
     config = {k: v for k, v in vars(args).items() if k not in ("memory_child", "from_json")}
     lines = header(info, config, clock, notes)
+    if args.memory_only:
+        lines = lines[:1] + [f"memory only: one fresh child process per variant, {memory_steps} steps at interval "
+                             f"{min(args.intervals)}; the RSS high-water mark after the imports"] + lines[2:]
     print("\n".join(lines), flush=True)
     records: List[Dict[str, Any]] = []
     report: Dict[str, Any] = {}
     if args.memory_only:
-        lines = lines[:1] + [f"memory only: one fresh child process per variant, {memory_steps} steps at interval "
-                             f"{min(args.intervals)}; the RSS high-water mark after the imports"] + lines[2:]
-        print(lines[1], flush=True)
         for workload in args.workloads:
             memory = measure_memory(workload, names, min(args.intervals), memory_steps, args.accelerator,
                                     timeout=1800)
