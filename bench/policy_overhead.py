@@ -305,29 +305,28 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
-    """VmHWM of /proc/self/status, else ``ru_maxrss`` (the high-water mark since the process started)."""
+def _status_bytes(field: str) -> Optional[int]:
+    """A ``kB`` field of /proc/self/status in bytes; ``None`` where there is none (not Linux)."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return None
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM of /proc/self/status, else ``ru_maxrss`` (the high-water mark since the process started)."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
 
 
 def _rss_file_bytes() -> Optional[int]:
     """RssFile of /proc/self/status: resident pages mapped from files (shared libraries' code, read-only and
     shared with every process that maps them, dropped by the kernel under pressure); ``None`` where unknown."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _status_bytes("RssFile")
 
 
 def memory_child(workload: str, variant: str, interval: Optional[int], steps: int, accelerator: str) -> None:

@@ -1,6 +1,7 @@
 """The policy benchmark (bench/policy_overhead.py) runs end to end: a tiny workload, a few steps, one round."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -9,12 +10,17 @@ import sys
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
-def test_policy_overhead_reports_every_variant_and_hook(tmp_path):
+def _bench_module(name: str):
+    """A script of bench/ imported as a module (bench/ is no package)."""
     sys.path.insert(0, BENCH)
     try:
-        import policy_overhead
+        return importlib.import_module(name)
     finally:
         sys.path.remove(BENCH)
+
+
+def test_policy_overhead_reports_every_variant_and_hook(tmp_path):
+    policy_overhead = _bench_module("policy_overhead")
     out, table = tmp_path / "policy.json", tmp_path / "policy.md"
     policy_overhead.main(["--workloads", "tiny", "--intervals", "2", "--warmup", "2", "--measured", "2",
                           "--rounds", "1", "--no-warmup-round", "--no-memory", "--json", str(out),
@@ -52,11 +58,7 @@ def test_policy_overhead_reports_every_variant_and_hook(tmp_path):
 
 
 def test_step_positions_reports_each_position_and_the_sampled_step(capsys):
-    sys.path.insert(0, BENCH)
-    try:
-        import step_positions
-    finally:
-        sys.path.remove(BENCH)
+    step_positions = _bench_module("step_positions")
     results = step_positions.main(["--workload", "tiny", "--interval", "3", "--steps", "14", "--warmup", "2",
                                    "--pairs", "1"])
     out = capsys.readouterr().out
@@ -68,11 +70,7 @@ def test_step_positions_reports_each_position_and_the_sampled_step(capsys):
 
 
 def test_memory_only_splits_the_peak_into_code_pages_and_the_rest(tmp_path):
-    sys.path.insert(0, BENCH)
-    try:
-        import policy_overhead
-    finally:
-        sys.path.remove(BENCH)
+    policy_overhead = _bench_module("policy_overhead")
     out, table = tmp_path / "memory.json", tmp_path / "memory.md"
     policy_overhead.main(["--workloads", "tiny", "--intervals", "2", "--memory-only", "--no-wandb",
                           "--variants", "monitor=default", "--json", str(out), "--markdown", str(table)])
