@@ -321,7 +321,12 @@ class _GradientStatsMonitor(MonitorCallback):
         offset += n
         # the groups written (the largest norms, every non-finite one) are picked first: only they get a row
         norms = group_norms(self._groups, grad_sq, nonfinite, present)
-        flagged = [name for name, norm, bad in norms if bad != 0 or not math.isfinite(norm)]
+        flagged: List[str] = []
+        total_bad = 0.0
+        for name, norm, bad in norms:
+            if bad != 0 or not math.isfinite(norm):
+                flagged.append(name)
+                total_bad += bad
         keep = set(top_k_subjects([n for n, _, _ in norms], [v for _, v, _ in norms], self.top_k, always=flagged))
         groups = self._groups if len(keep) == len(norms) else [g for g in self._groups if g[0] in keep]
         subjects = group_stats(groups, grad_sq, absmax, nonfinite, present, p_sq, before_sq, delta_sq)
@@ -371,8 +376,6 @@ class _GradientStatsMonitor(MonitorCallback):
 
         if self.diagnose:
             self._diagnose_step(trainer, pl_module, step, present, moves, depth)
-        bad_groups = set(flagged)
-        total_bad = sum(bad for name, _, bad in norms if name in bad_groups)
         self.raise_finding(trainer, pl_module, checks.nonfinite_gradient_finding(
             flagged, total_bad, self.nonfinite_severity, self.nonfinite_action, step))
 

@@ -198,7 +198,7 @@ class WeightSnapshot:
         storage (optimizers update in place; a moved or re-created parameter gets new views)."""
         # where each parameter's data starts: a moved or re-created parameter starts elsewhere (a tensor's own
         # data_ptr costs a fraction of building its storage object, which matters on hundreds of parameters)
-        storages = [p.data_ptr() for p in local_tensors(list(params))]
+        storages = [p.data_ptr() for p in local_tensors(params)]
         if self._strides is None or len(self._strides) != len(params):
             self._strides = [self._stride(local_tensor(p)) for p in params]
             self._scale = self._lengths = None

@@ -6,7 +6,7 @@ the callbacks can later be offered for both import styles without change.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -102,7 +102,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
-def local_tensors(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+def local_tensors(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     """:func:`local_tensor` of each tensor; ``tensors`` itself (no new list) when none is a DTensor.
 
     One set of types instead of a function call per tensor: on 770 parameters a list built with
